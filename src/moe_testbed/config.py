@@ -60,6 +60,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     tie_embeddings: bool = True
+    expert_impl: str = "auto"  # auto | loop | grouped_mm (auto: grouped matmul on CUDA)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Config:
         _choice("train.dtype", self.train.dtype, DTYPES)
         _choice("run.progress", self.run.progress, ("auto", "bar", "log", "none"))
         _choice("routing.inner", self.routing.inner, ("uniform", "learned"))
+        _choice("model.expert_impl", self.model.expert_impl, ("auto", "loop", "grouped_mm"))
         m, r, b, t = self.model, self.routing, self.balance, self.train
         for key, value in [
             ("model.d_model", m.d_model),
@@ -232,7 +234,10 @@ class Config:
             )
         if m.n_shared_experts < 0:
             raise ConfigError(f"model.n_shared_experts={m.n_shared_experts} must be >= 0")
-        for key, value in [("balance.capacity_factor", b.capacity_factor), ("balance.eval_capacity_factor", b.eval_capacity_factor)]:
+        for key, value in [
+            ("balance.capacity_factor", b.capacity_factor),
+            ("balance.eval_capacity_factor", b.eval_capacity_factor),
+        ]:
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}={value} must be > 0, or null for dropless")
         if b.coeff < 0 or b.z_loss < 0:

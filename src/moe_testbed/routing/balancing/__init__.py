@@ -1,0 +1,1 @@
+"""Balancing methods; each module registers its class."""

@@ -1,0 +1,51 @@
+"""Expert capacity and token dropping.
+
+capacity = ceil(T_unit * k / E * capacity_factor) slots per expert per scope
+unit (a sequence for ``sequence`` scope, else the micro-batch). Slots beyond an
+expert's capacity are dropped: they contribute nothing (the token keeps its
+residual path) and are counted as drops.
+
+Priority inside an expert:
+  ``probs``    highest gate weight first (Megatron-Core's default),
+  ``position`` first choices before second choices, then earlier tokens first
+               (Switch / GShard).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def capacity(unit_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    return math.ceil(unit_tokens * top_k / n_experts * factor)
+
+
+def capacity_keep(
+    idx_TK: Tensor, gate_TK: Tensor, n_experts: int, factor: float | None, policy: str, unit_len: int
+) -> Tensor | None:
+    """Bool mask [T, K] of the slots that fit; None when dropless."""
+    if factor is None:
+        return None
+    T, K = idx_TK.shape
+    cap = capacity(unit_len, K, n_experts, factor)
+    unit_T = torch.arange(T, device=idx_TK.device) // unit_len
+    group_N = (unit_T[:, None] * n_experts + idx_TK).reshape(-1)
+    if policy == "probs":
+        priority_N = -gate_TK.detach().reshape(-1).float()
+    else:  # position: slot rank major, token position minor
+        slot_rank = torch.arange(K, device=idx_TK.device)[None, :] * T + torch.arange(T, device=idx_TK.device)[:, None]
+        priority_N = slot_rank.reshape(-1).float()
+    # Sort by priority, then stably by group: ranks inside each group follow priority.
+    order = torch.argsort(priority_N, stable=True)
+    order = order[torch.argsort(group_N[order], stable=True)]
+    sorted_groups = group_N[order]
+    n_groups = int(math.ceil(T / unit_len)) * n_experts
+    group_start = torch.zeros(n_groups + 1, dtype=torch.long, device=idx_TK.device)
+    group_start[1:] = torch.cumsum(torch.bincount(sorted_groups, minlength=n_groups), 0)
+    rank_sorted = torch.arange(order.numel(), device=idx_TK.device) - group_start[sorted_groups]
+    keep_N = torch.empty_like(rank_sorted, dtype=torch.bool)
+    keep_N[order] = rank_sorted < cap
+    return keep_N.view(T, K)

@@ -1,0 +1,1 @@
+"""Router implementations; each module registers its class."""
