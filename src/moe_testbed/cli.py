@@ -7,6 +7,7 @@ User errors (bad config, missing data, corrupted checkpoint) print one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -28,10 +29,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("moe_testbed.analysis.rundir", "ReportError"),
         ("moe_testbed.study", "StudyError"),
     ]:
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
     return tuple(errors)
 
 
@@ -76,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (
         "moe_testbed.data.cli",
         "moe_testbed.analysis.cli",
-        "moe_testbed.study_cli",
+        "moe_testbed.study.cli",
         "moe_testbed.bench.cli",
     ):
         try:

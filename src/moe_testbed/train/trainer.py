@@ -21,7 +21,7 @@ from moe_testbed.analysis.metrics import routing_scalars
 from moe_testbed.analysis.tensorboard import ScalarLogger
 from moe_testbed.config import Config
 from moe_testbed.data import ensure_mix
-from moe_testbed.io import atomic_write_json, atomic_write_text
+from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
 from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
 from moe_testbed.routing.base import RoutingContext
@@ -33,6 +33,11 @@ from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, sav
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.progress import Progress
 from moe_testbed.train.schedule import lr_at
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -259,9 +264,7 @@ class Trainer:
                 step=np.array(self.step),
                 top_k=np.array(self.cfg.routing.top_k),
             )
-            from moe_testbed.io import atomic_write
-
-            atomic_write(path, lambda p: np.savez_compressed(open(p, "wb"), **payload))
+            atomic_write(path, lambda p: _savez(p, payload))
             self.since_eval = np.zeros_like(self.since_eval)
         self.progress.note(f"eval step {self.step}: val loss {scalars['val/loss']:.3f}")
         return record
@@ -318,9 +321,8 @@ class Trainer:
                     self._log_step(lr, float(grad_norm))
                 if (cfg.eval.every and self.step % cfg.eval.every == 0) or (self.step == t.steps and cfg.eval.at_end):
                     final = self._evaluate()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    if self.rank == 0:
-                        save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), t.keep_checkpoints)
+                if (self.step % t.checkpoint_every == 0 or self.step == t.steps) and self.rank == 0:
+                    save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), t.keep_checkpoints)
         except BaseException:
             self.progress.close()
             self._write_summary("failed", final)
