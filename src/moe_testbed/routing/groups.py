@@ -1,8 +1,10 @@
 """Expert groups per domain for the reference and domain-guided routers.
 
-The default grouping gives each domain ``g = max(k, E // D)`` consecutive experts,
-wrapping around when ``E < D * k`` (then groups overlap and the reference purity
-drops below 1, which the metrics account for). An explicit mapping
+The default grouping splits the E experts into D contiguous groups of near-equal
+size (every expert belongs to one domain, so the reference router uses them
+all) when ``E >= D * k``; otherwise each domain gets ``k`` consecutive experts,
+wrapping around (groups overlap and the reference purity drops below 1, which
+the metrics account for). An explicit mapping
 ``routing.groups: {domain: [experts]}`` overrides it.
 """
 
@@ -30,8 +32,11 @@ def reference_groups(
                 raise ConfigError(f"routing.groups.{d} has {len(g)} experts, fewer than routing.top_k={top_k}")
             groups.append(g)
         return groups
-    size = max(top_k, n_experts // max(len(domains), 1))
-    return [sorted({(d * size + j) % n_experts for j in range(size)}) for d in range(len(domains))]
+    D = max(len(domains), 1)
+    if n_experts >= D * top_k:
+        bounds = [round(d * n_experts / D) for d in range(D + 1)]
+        return [list(range(bounds[d], bounds[d + 1])) for d in range(len(domains))]
+    return [sorted({(d * top_k + j) % n_experts for j in range(top_k)}) for d in range(len(domains))]
 
 
 def describe_groups(domains: list[str], groups: list[list[int]]) -> str:
