@@ -122,6 +122,9 @@ class Trainer:
             )
         self.wall_start = time.time()
 
+    def _wall(self) -> float:
+        return time.time() - self.wall_start
+
     @staticmethod
     def _empty_window() -> dict:
         return {"loss": 0.0, "aux": {}, "n": 0, "tokens": 0, "time": 0.0}
@@ -134,6 +137,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "timing": {"train_time": self.train_time, "train_tokens": self.train_tokens, "wall": self._wall()},
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
             "loader": self.loader.state_dict(),
@@ -152,6 +156,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
+        timing = state.get("timing", {})
+        self.train_time, self.train_tokens = timing.get("train_time", 0.0), timing.get("train_tokens", 0)
+        # Wall time counts the work before the kill too (not the time the run was dead).
+        self.wall_start = time.time() - timing.get("wall", 0.0)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -204,7 +212,7 @@ class Trainer:
     def _write_summary(self, status: str, final: dict | None = None) -> None:
         if self.rank != 0:
             return
-        wall = time.time() - self.wall_start
+        wall = self._wall()
         atomic_write_json(
             self.run_dir / "summary.json",
             {

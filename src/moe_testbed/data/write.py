@@ -1,0 +1,136 @@
+"""Write a built mix: concatenated split arrays, document lists, manifest (last)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moe_testbed.data.assemble import Encoded
+from moe_testbed.data.storage import SPLITS, guard_disk, save_array, save_json, write_manifest
+from moe_testbed.data.tokenizer import eos_id, token_dtype
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from moe_testbed.data.build import Plan
+    from moe_testbed.data.packages import Resolved
+    from moe_testbed.data.progress import Progress
+    from moe_testbed.data.sources import Source
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_mix(
+    out: Path,
+    plan: Plan,
+    fingerprint: str,
+    domains: dict[str, list[Source]],
+    encoded: dict[str, Encoded],
+    metas: dict[str, dict],
+    resolved: dict[str, Resolved],
+    tok: Tokenizer,
+    tok_path: Path,
+    progress: Progress,
+) -> dict:
+    names = list(domains)
+    vocab = tok.get_vocab_size()
+    dtype = token_dtype(vocab)
+    files: dict[str, str] = {}
+    ranges: dict[str, dict[str, dict[str, list[int]]]] = {d: {} for d in names}
+    totals = {}
+    for split in SPLITS:
+        parts = [encoded[d].tokens[split].astype(dtype, copy=False) for d in names]
+        tokens = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+        dom = np.concatenate([np.full(p.size, i, dtype=np.uint8) for i, p in enumerate(parts)])
+        starts, doc_meta, tok_pos, doc_pos = [], [], 0, 0
+        for d in names:
+            enc = encoded[d]
+            starts.append(enc.offsets[split][:-1] + tok_pos)
+            doc_meta.extend([d, src, doc_id] for src, doc_id in enc.ids[split])
+            n_docs = len(enc.ids[split])
+            ranges[d][split] = {"tokens": [tok_pos, tok_pos + enc.count(split)], "docs": [doc_pos, doc_pos + n_docs]}
+            tok_pos += enc.count(split)
+            doc_pos += n_docs
+        offsets = np.concatenate(starts + [np.array([tok_pos], dtype=np.int64)]).astype(np.int64)
+        for what, arr in (("tokens", tokens), ("domains", dom), ("docs", offsets)):
+            path = out / f"{split}.{what}.npy"
+            save_array(path, arr)
+            files[path.name] = _sha256(path)
+        save_json(out / f"{split}.docs.json", doc_meta)
+        totals[split] = int(tokens.size)
+        if split == "train":
+            freq = np.bincount(tokens, minlength=vocab).astype(np.int64)
+            save_array(out / "train.freq.npy", freq)
+    guard_disk("tokenizer.json", lambda: shutil.copyfile(tok_path, out / "tokenizer.json"))
+    files["tokenizer.json"] = _sha256(out / "tokenizer.json")
+
+    sources_out = {}
+    domains_out = []
+    for i, d in enumerate(names):
+        enc = encoded[d]
+        srcs = domains[d]
+        for s in srcs:
+            meta = metas[s.name]
+            pkgs = [resolved[r.key].manifest() for r in s.packages if r.key in resolved]
+            sources_out[s.name] = {
+                **s.manifest(),
+                "resolved": pkgs,
+                "extracted": {
+                    k: meta[k]
+                    for k in (
+                        "documents",
+                        "bytes",
+                        "complete",
+                        "duplicates",
+                        "skipped_short",
+                        "bad_chars",
+                        "docs_with_bad_chars",
+                        "seconds",
+                    )
+                },
+            }
+        domains_out.append(
+            {
+                "id": i,
+                "name": d,
+                "sources": [s.name for s in srcs],
+                "licence": "; ".join(dict.fromkeys(s.licence for s in srcs)),
+                "tokens": {s: enc.count(s) for s in SPLITS},
+                "documents": {s: len(enc.ids[s]) for s in SPLITS},
+                "bytes": dict(enc.bytes),
+                "bad_chars": enc.bad_chars,
+                "ranges": ranges[d],
+            }
+        )
+    manifest = {
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(progress.elapsed(), 1),
+        "settings": plan.settings(),
+        "vocab_size": vocab,
+        "eos_id": eos_id(tok),
+        "token_dtype": dtype.name,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "type": "byte-level BPE (Hugging Face tokenizers)",
+            "requested_vocab_size": plan.vocab_size,
+            "trained_on_bytes_per_domain": plan.tok_bytes,
+        },
+        "splits": {s: {"tokens": totals[s], "rule": "by document"} for s in SPLITS},
+        "domains": domains_out,
+        "sources": sources_out,
+        "files": files,
+    }
+    write_manifest(out, manifest)
+    return manifest
