@@ -81,11 +81,11 @@ class RoutingConfig:
 class BalanceConfig:
     method: str = "lbl"  # none | lbl | eb | sh | ba
     scope: str = "microbatch"  # sequence | microbatch | global
-    coeff: float = 0.01  # LBL coefficient (top-k normalised f, see docs/balancing.md)
+    coeff: float = 0.01  # LBL coefficient (top-k normalised f, see docs/routing.md)
     z_loss: float = 0.0  # router z-loss coefficient, combinable with any method
     eb_rate: float = 1e-3  # EB bias update step
-    sinkhorn_iters: int = 20
-    ba_iters: int = 50  # BA auction rounds
+    sinkhorn_iters: int = 20  # SH Sinkhorn iterations
+    ba_iters: int = 50  # BA: cap on auction rounds (then a greedy completion)
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # capacity during evaluation
     drop_policy: str = "probs"  # probs: keep highest gates; position: keep earliest

@@ -84,7 +84,7 @@ class Transformer(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg, self.vocab_size = cfg, vocab_size
-        info = info or {}
+        info = {"vocab_size": vocab_size, **(info or {})}
         moe_layers = moe_layer_indices(cfg)
         self.moe_layer_names = [f"L{i}" for i in moe_layers]
         self.embed = nn.Embedding(vocab_size, m.d_model)

@@ -44,7 +44,10 @@ def capacity_keep(
     sorted_groups = group_N[order]
     n_groups = int(math.ceil(T / unit_len)) * n_experts
     group_start = torch.zeros(n_groups + 1, dtype=torch.long, device=idx_TK.device)
-    group_start[1:] = torch.cumsum(torch.bincount(sorted_groups, minlength=n_groups), 0)
+    # index_add_ rather than bincount, which synchronises with the host on CUDA.
+    sizes = torch.zeros(n_groups, dtype=torch.long, device=idx_TK.device)
+    sizes.index_add_(0, sorted_groups, torch.ones_like(sorted_groups))
+    group_start[1:] = torch.cumsum(sizes, 0)
     rank_sorted = torch.arange(order.numel(), device=idx_TK.device) - group_start[sorted_groups]
     keep_N = torch.empty_like(rank_sorted, dtype=torch.bool)
     keep_N[order] = rank_sorted < cap

@@ -10,6 +10,8 @@ the metrics account for). An explicit mapping
 
 from __future__ import annotations
 
+import torch
+
 from moe_testbed.config import ConfigError
 
 
@@ -41,3 +43,36 @@ def reference_groups(
 
 def describe_groups(domains: list[str], groups: list[list[int]]) -> str:
     return ", ".join(f"{d}->{g}" for d, g in zip(domains, groups))
+
+
+def group_members(groups: list[list[int]], n_experts: int) -> torch.Tensor:
+    """Bool [D + 1, E]: row d marks domain d's group; the last row (padding, id -1) allows every expert."""
+    member = torch.zeros(len(groups) + 1, n_experts, dtype=torch.bool)
+    for d, g in enumerate(groups):
+        member[d, g] = True
+    member[-1] = True
+    return member
+
+
+def groups_from_info(info: dict, n_experts: int, top_k: int, router: str) -> list[list[int]]:
+    """The domain -> experts groups the trainer passes in ``info`` (or derived from ``info["domains"]``)."""
+    if info.get("groups") is not None:
+        return info["groups"]
+    if info.get("domains") is not None:
+        return reference_groups(list(info["domains"]), n_experts, top_k, info.get("explicit_groups"))
+    raise ValueError(
+        f"routing.router={router} needs the mix's domains: pass info={{'domains': [...], 'groups': [...]}} "
+        "(the trainer does)"
+    )
+
+
+def check_explicit_groups(cfg) -> str | None:
+    """Config-time check of ``routing.groups`` (domain names are checked when the mix is known)."""
+    E, k = cfg.model.n_experts, cfg.routing.top_k
+    for d, g in (cfg.routing.groups or {}).items():
+        g = set(g)
+        if not g or min(g) < 0 or max(g) >= E:
+            return f"routing.groups.{d}={sorted(g)} must list experts in 0..{E - 1}"
+        if len(g) < k:
+            return f"routing.groups.{d} has {len(g)} experts, fewer than routing.top_k={k}"
+    return None

@@ -25,12 +25,12 @@ from torch import Tensor
 from moe_testbed.routing.balancing.zloss import ZLossMixin
 from moe_testbed.routing.base import Balancer, RoutingContext
 from moe_testbed.routing.registry import register_balancer
+from moe_testbed.routing.scope import unit_counts
 
 
 def expert_counts(idx_TK: Tensor, n_experts: int, valid_T: Tensor | None = None) -> Tensor:
     """Slots per expert, float [E]; padding tokens (valid 0) are not counted."""
-    weights = None if valid_T is None else valid_T[:, None].expand_as(idx_TK).reshape(-1).float()
-    return torch.bincount(idx_TK.reshape(-1), weights=weights, minlength=n_experts).float()
+    return unit_counts(idx_TK, n_experts, idx_TK.shape[0], valid_T)[0]
 
 
 def lbl_value(f_E: Tensor, P_E: Tensor, n_experts: int) -> Tensor:
@@ -41,6 +41,7 @@ def lbl_value(f_E: Tensor, P_E: Tensor, n_experts: int) -> Tensor:
 class LoadBalancingLoss(ZLossMixin, Balancer):
     name = "lbl"
     description = "auxiliary loss coeff * E * sum_e f_e P_e"
+    requires = ("learned", "scores")
 
     def __init__(self, n_experts, top_k, bcfg, layer):
         super().__init__(n_experts, top_k, bcfg, layer)
@@ -58,16 +59,16 @@ class LoadBalancingLoss(ZLossMixin, Balancer):
             S = ctx.seq_len
             B = probs_TE.shape[0] // S
             v_BS = torch.ones(B, S, device=probs_TE.device) if valid_T is None else valid_T.view(B, S)
-            onehot_BSE = torch.zeros(B, S, E, device=probs_TE.device)
-            onehot_BSE.scatter_add_(2, idx_TK.view(B, S, k), torch.ones(B, S, k, device=probs_TE.device))
             n_B = v_BS.sum(1).clamp_min(1)
-            f_BE = (onehot_BSE * v_BS[..., None]).sum(1) / (n_B[:, None] * k)
+            f_BE = unit_counts(idx_TK, E, S, valid_T) / (n_B[:, None] * k)
             P_BE = (probs_TE.view(B, S, E) * v_BS[..., None]).sum(1) / n_B[:, None]
             has_tokens = (v_BS.sum(1) > 0).float()
             loss = (lbl_value(f_BE, P_BE, E) * has_tokens).sum() / has_tokens.sum().clamp_min(1)
         else:
             counts_E = expert_counts(idx_TK, E, valid_T)
-            n_tok = torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device) if valid_T is None else valid_T.sum()
+            n_tok = (
+                torch.full((), float(probs_TE.shape[0]), device=probs_TE.device) if valid_T is None else valid_T.sum()
+            )
             P_E = (probs_TE if valid_T is None else probs_TE * valid_T[:, None]).sum(0) / n_tok.clamp_min(1)
             if self.scope == "global":
                 counts_E, n_tok = self._accumulate(counts_E, n_tok, ctx)

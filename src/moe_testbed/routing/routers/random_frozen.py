@@ -1,0 +1,23 @@
+"""A randomly initialised router that is never trained (Fan et al. 2024, "learned vs frozen vs random").
+
+Same scoring as ``softmax_topk`` (softmax of W x, top-k), but W keeps its random
+initialisation: ``requires_grad`` is False from the start, so the optimizer
+never sees it (a test checks the weights stay bitwise equal). Gradients still
+flow *through* the gates into the hidden states. Balancing by EB, SH or BA is
+meaningful (they act on the selection); LBL and z-loss are not (nothing learns).
+"""
+
+from moe_testbed.routing.base import Router
+from moe_testbed.routing.registry import register_router
+
+
+@register_router
+class RandomFrozen(Router):
+    name = "random_frozen"
+    learned = False
+    offers = ("scores", "any_expert")
+    lacking = {"learned": "is random and never trained"}
+
+    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
+        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+        self.weight.requires_grad_(False)
