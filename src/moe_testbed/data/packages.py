@@ -21,7 +21,6 @@ says so (the registry served different bytes than the corpus was built from).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_testbed.data.errors import DataError
-from moe_testbed.io import atomic_write_json
+from moe_testbed.io import atomic_write_json, sha256_file
 
 INSTALL_MODES = ("auto", "never")
 
@@ -112,14 +111,6 @@ class Resolved:
 
 class MissingPackage(DataError):
     """A requirement is not available and the build may not (or could not) fetch it."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 from moe_testbed.data.assemble import Encoded
 from moe_testbed.data.storage import SPLITS, guard_disk, save_array, save_json, write_manifest
 from moe_testbed.data.tokenizer import eos_id, token_dtype
+from moe_testbed.io import sha256_file
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -21,14 +21,6 @@ if TYPE_CHECKING:
     from moe_testbed.data.packages import Resolved
     from moe_testbed.data.progress import Progress
     from moe_testbed.data.sources import Source
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_mix(
@@ -66,14 +58,14 @@ def write_mix(
         for what, arr in (("tokens", tokens), ("domains", dom), ("docs", offsets)):
             path = out / f"{split}.{what}.npy"
             save_array(path, arr)
-            files[path.name] = _sha256(path)
+            files[path.name] = sha256_file(path)
         save_json(out / f"{split}.docs.json", doc_meta)
         totals[split] = int(tokens.size)
         if split == "train":
             freq = np.bincount(tokens, minlength=vocab).astype(np.int64)
             save_array(out / "train.freq.npy", freq)
     guard_disk("tokenizer.json", lambda: shutil.copyfile(tok_path, out / "tokenizer.json"))
-    files["tokenizer.json"] = _sha256(out / "tokenizer.json")
+    files["tokenizer.json"] = sha256_file(out / "tokenizer.json")
 
     sources_out = {}
     domains_out = []

@@ -8,7 +8,6 @@ holds the sha256 of every file; a truncated or altered file fails loudly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,17 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from moe_testbed.io import sha256_file
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be trusted."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,7 +40,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
-    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
+    files = {name: sha256_file(tmp / name) for name in ("model.safetensors", "state.pt")}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": files}, indent=2))
     for name in ("model.safetensors", "state.pt", "manifest.json"):
         with open(tmp / name, "rb+") as fh:
@@ -78,7 +71,7 @@ def verify_checkpoint(path: Path) -> int:
         ) from None
     for name, digest in manifest["sha256"].items():
         file = path / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or sha256_file(file) != digest:
             raise CheckpointError(
                 f"checkpoint file {file} is truncated or corrupted (sha256 mismatch): "
                 "delete that checkpoint directory to resume from an earlier one"
