@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    user_errors = _user_errors()  # resolved up front: an import inside `except` would mask the error
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
