@@ -1,4 +1,4 @@
-"""Regression tests for the known traps of DESIGN.md ("Known traps"), one section each."""
+"""Regression tests for the known traps listed in docs/routing.md ("Known traps and their regression tests"), one section each."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Which sources make up each domain, and the two built-in presets.
 
-``default`` is the 12-domain mix of DATA_SOURCES.md (table 1): it needs Debian
+``default`` is the 12-domain mix (docs/data.md): it needs Debian
 packages and PyPI/npm downloads and takes minutes to build. ``tiny`` uses only
 what a fresh Debian + Python machine already has (no install, no network) and
 builds in seconds; tests and CI use it. A domain named in ``--domains`` is

@@ -5,7 +5,7 @@ whose output is read separately: several renderers writing into one stream
 interleave and split UTF-8 characters. The builder runs ``read_doc`` for
 several pages at once (``parallel = True``), one ``man`` process each.
 
-Cleaning (DATA_SOURCES.md): skip symlinks and ``.so`` stubs (they repeat other
+Cleaning (docs/data.md): skip symlinks and ``.so`` stubs (they repeat other
 pages), drop the running header and footer lines, cut the translator /
 colophon section that ends almost every translated page, dedupe by content
 (done by the builder for every source).

@@ -1,8 +1,8 @@
 """SQL from MariaDB's regression tests (``*.test``), mysqltest commands removed.
 
 A ``.test`` file mixes SQL with commands of the mysqltest driver: ``--echo``,
-``--error``, ``let $x=``, ``if (...) {``, ``connect``, ... (DATA_SOURCES.md
-lists them). Those lines are dropped, and so are the bodies of ``--perl`` /
+``--error``, ``let $x=``, ``if (...) {``, ``connect``, ...
+Those lines are dropped, and so are the bodies of ``--perl`` /
 ``--write_file`` / ``--append_file`` blocks, which run until ``EOF`` (or the
 terminator the command names). The ``.result`` files are echoed query output,
 not SQL, and are not used.
