@@ -18,7 +18,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -x
 
 format: setup
 	$(BIN)/ruff format src tests benchmarks
