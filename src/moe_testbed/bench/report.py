@@ -72,7 +72,8 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             rows.append([name, _ms(v.get("ms")), "0 (baseline)" if name == "none" else _ratio(pct, pct=True), _mib(v)])
         for name, why in s.get("skipped", {}).items():
             rows.append([name, "skipped", why, "-"])
-        out.append(("Balancing methods: extra time of a whole quick-model step over method none",
+        out.append((f"Balancing methods: extra time of a whole quick-model step over method none "
+                    f"(grad_accum {s.get('grad_accum', '?')})",
                     ["method@scope", "ms per step", "extra step time", "peak MiB"], rows))  # fmt: skip
     if "stats" in result:
         s = result["stats"]
@@ -83,7 +84,8 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             rows.append([f"host read every {o['log_every']} steps", f"{o['host_read_ms']:.2f} ms = "
                          f"{o['host_read_amortised']:.2f}%", ""])  # fmt: skip
             rows.append(["total", f"{o['total']:+.2f}%", ""])
-        out.append(("Routing statistics (RoutingRecorder)", ["variant", "ms per step", "peak MiB"], rows))
+        out.append((f"Routing statistics (RoutingRecorder), quick-model step, grad_accum {s.get('grad_accum', '?')}",
+                    ["variant", "ms per step", "peak MiB"], rows))  # fmt: skip
     if result.get("targets"):
         rows = []
         for t in result["targets"]:

@@ -22,7 +22,7 @@ class BenchOptions:
     config: str | None = None  # model config of the step sections (default configs/quick.yaml)
     overrides: list[str] = field(default_factory=list)
     vocab: int = 8192
-    grad_accum: int | None = None  # None: the config's train.grad_accum (2 with --quick)
+    grad_accum: int | None = None  # None: the config's for `step`, at most 4 for balance/stats (2 with --quick)
     repeats: int | None = None  # None: per-section defaults
     memory: bool = True
     seed: int = 0
@@ -113,10 +113,16 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     step_sections = [s for s in ("step", "balance", "stats") if s in opts.only]
     if step_sections:
         cfg = step_mod.load_step_config(opts.config, opts.overrides)
-        accum = opts.grad_accum or (min(2, cfg.train.grad_accum) if opts.quick else cfg.train.grad_accum)
-        setup = step_mod.StepSetup(cfg, opts.vocab, accum, device, dtype, opts.seed)
         runners = {"step": step_mod.run_step, "balance": step_mod.run_balance, "stats": step_mod.run_stats}
         for name in step_sections:
+            # MoE vs dense uses the preset's whole optimizer step (16 micro-batches). Balancing
+            # and statistics cost per micro-batch, so 4 micro-batches per step measure the same
+            # fractions 4x faster; per-step work (EB's bias update) then weighs 4x more than
+            # in the preset, which can only overstate its share.
+            accum = min(2, cfg.train.grad_accum) if opts.quick else cfg.train.grad_accum
+            if name != "step" and not opts.quick:
+                accum = min(4, accum)
+            setup = step_mod.StepSetup(cfg, opts.vocab, opts.grad_accum or accum, device, dtype, opts.seed)
             r, w = reps[name]
             sec, t = runners[name](setup, r, w, memory, log)
             out[name], targets = sec, targets + t

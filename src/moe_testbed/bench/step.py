@@ -160,7 +160,8 @@ def run_balance(setup: StepSetup, repeats, warmup, memory, log) -> tuple[dict, l
         step, _, _ = make_train_step(c, setup)
         cands.append(Candidate(name, step, label=name))
     res = run_group(cands, "none", repeats, warmup, setup.device, memory=memory, log=log)
-    sec = {"unit": "one optimizer step", **res.to_json(), "skipped": skipped, "overhead_pct": {}}
+    sec = {"unit": "one optimizer step", "grad_accum": setup.grad_accum, **res.to_json(), "skipped": skipped,
+           "overhead_pct": {}}  # fmt: skip
     targets = []
     for name, _ in variants[1:]:
         r = res.timings.ratio(name) if res.ok(name) else None
@@ -184,10 +185,12 @@ def run_stats(setup: StepSetup, repeats, warmup, memory, log) -> tuple[dict, lis
     res = run_group([Candidate("stats_on", on_step, label="recorder on"),
                      Candidate("stats_off", off_step, label="recorder off")],
                     "stats_off", repeats, warmup, setup.device, memory=memory, log=log)  # fmt: skip
-    sec = {"unit": "one optimizer step", **res.to_json()}
+    sec = {"unit": "one optimizer step", "grad_accum": setup.grad_accum, **res.to_json()}
     if recorder is None or not res.ok("stats_on"):
         return sec, [target_row("stats: routing statistics % of step time", None, "<=", 3.0)]
-    # The trainer copies the tables to the host and computes the scalars once per log step.
+    # The trainer copies the tables to the host and computes the scalars once per log step
+    # (amortised over log_every steps of this section's length: with fewer micro-batches
+    # per step than the preset this overstates its share).
     reads = []
     for _ in range(max(3, repeats)):
         t0 = time.perf_counter()
