@@ -28,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 autocast on CUDA, fp32 on CPU",
     )
-    p.add_argument("--repeats", type=int, default=None, help="repeats per section (default: 9/7/5/9, --quick 2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats per section (default: layer 9+, step 7, balance 9, stats 11; --quick 2)",
+    )
     p.add_argument("--config", default=None, help="model config of the step sections (default configs/quick.yaml)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the config's)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary of the step sections' model (default 8192)")

@@ -62,20 +62,6 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _make_step(forward, x: Tensor, g: Tensor, params: list[Tensor], autocast):
-    """A closure running forward + backward with fresh gradients."""
-
-    def step():
-        x.grad = None
-        for p in params:
-            p.grad = None
-        with autocast():
-            y = forward(x)
-        y.backward(g.view_as(y))
-
-    return step
-
-
 def build_candidates(shape: LayerShape, device: torch.device, dtype: torch.dtype, tol: float, seed: int = 0):
     """The variants of one shape, each with its guard."""
     s = shape
@@ -95,18 +81,21 @@ def build_candidates(shape: LayerShape, device: torch.device, dtype: torch.dtype
 
     def add(name, label, module, forward, grads_of, want):
         params = list(module.parameters())
-        step = _make_step(forward, x, g, params, autocast)
 
-        def run_guard():
+        def run() -> Tensor:  # the timed unit: forward + backward with fresh gradients
             x.grad = None
             for p in params:
                 p.grad = None
             with autocast():
                 y = forward(x)
             y.backward(g.view_as(y))
+            return y
+
+        def run_guard() -> dict:
+            y = run()
             return {"out": y.detach().reshape(T, D), "grad_x": x.grad, **grads_of()}
 
-        cands.append(Candidate(name, step, guard=lambda: check(run_guard, want, tol), label=label))
+        cands.append(Candidate(name, run, guard=lambda: check(run_guard, want, tol), label=label))
 
     # The floor: a dense SwiGLU doing the same arithmetic, against its own float64 copy.
     dense = SwiGLU(D, K * H)

@@ -30,7 +30,7 @@ class BenchOptions:
 
 
 # (repeats, warmup) per section; the layer section adds repeats for fast shapes up to a time budget.
-FULL = {"layer": (9, 2), "step": (7, 1), "balance": (5, 1), "stats": (9, 1)}
+FULL = {"layer": (9, 2), "step": (7, 1), "balance": (9, 1), "stats": (11, 1)}
 QUICK = {"layer": (2, 1), "step": (2, 1), "balance": (2, 1), "stats": (2, 1)}
 
 

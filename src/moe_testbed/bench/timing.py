@@ -84,18 +84,28 @@ def interleaved(
     Every variant first runs ``warmup`` times (allocator, oneDNN/MKL kernel
     selection, lazy initialisation). Each sample then runs a variant ``inner``
     times in a row, calibrated on the baseline so that a sample lasts at least
-    ``min_sample_s``; the stored time is per call. The garbage collector is
+    ``min_sample_s``; the stored time is per call. With ``budget_s``, fast groups
+    get more repeats (up to ``max_repeats``) so that they too run for about that
+    long: more pairs make the median ratio steadier. The garbage collector is
     paused while timing so that a collection does not land inside one sample.
     """
     device = torch.device(device)
     names = list(variants)
     if baseline not in variants:
         raise ValueError(f"baseline {baseline!r} is not among the variants {names}")
+    round_s = 0.0
     for _ in range(warmup):
+        round_s = 0.0
         for name in names:
+            _sync(device)
+            t0 = time.perf_counter()
             variants[name]()
+            _sync(device)
+            round_s += time.perf_counter() - t0
     if inner is None:
         inner = calibrate_inner(variants[baseline], min_sample_s, device) if min_sample_s > 0 else 1
+    if budget_s > 0 and round_s > 0:
+        repeats = max(repeats, min(max_repeats, int(budget_s / (round_s * inner))))
     times: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()

@@ -6,20 +6,19 @@ capacity drops), E experts, D model width, H expert hidden size.
 Dispatch (no per-expert boolean mask over all tokens, which costs 4-5x):
   1. sort the N slots by expert id (dropped slots get the sentinel id E and sort
      last, so the kept slots are the prefix ``order_N[:n]``);
-  2. gather the kept slots' hidden states in that order: x_nD;
+  2. gather the kept slots' hidden states in that order;
   3. run the experts on contiguous row blocks;
   4. scale by the gate weights and add each row back into its token (index_add).
 
-Two implementations of step 3, same arithmetic:
-  ``loop`` (CPU default): one autograd.Function that loops over the experts with
-     ``torch.mm(out=...)`` into preallocated buffers and writes its own backward.
-     Plain autograd over a Python loop spent ~30% of the layer (at 64 experts) on
-     ``cat``/``split``/``stack`` of per-expert pieces, ``index_put`` (the backward
-     of fancy indexing) and zero fills; the fused function has none of those, so
+Two implementations of steps 2-4, same arithmetic:
+  ``loop`` (CPU default): one autograd.Function with a hand-written backward
+     (``_SortedExperts``). Plain autograd around a per-expert Python loop spent
+     ~30% of the layer at 64 experts on ``cat``/``split``/``stack`` of per-expert
+     pieces, ``index_put`` (the backward of fancy indexing) and zero fills; here
      what is left is the matmuls plus a few elementwise passes, like a dense FFN.
   ``grouped_mm`` (CUDA default): torch's grouped matmul under autograd, with
-     index_select / index_add for gather and combine (their backwards are each
-     other, never ``index_put``).
+     index_select / index_add for gather and combine (each other's backward,
+     never ``index_put``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+# Blocks of consecutive experts hold at most this many bytes per row buffer: the
+# elementwise work then runs on rows the matmul just wrote (still in cache), and
+# every buffer stays under 32 MiB, glibc's largest dynamic mmap threshold, so
+# freed buffers are reused instead of being mapped afresh (page faults cost
+# ~0.25 ms per MiB, on every call). Small layers are one block: fewest op calls.
+_BLOCK_BYTES = 16 << 20
+# A block whose experts have similar loads is padded to equal sizes and run as
+# one batched matmul, which with 2+ threads splits the batch across threads
+# instead of splitting each small matmul (1.3-1.4x faster at 64 rows per
+# expert); worth it while padding adds at most this share of rows. With one
+# thread bmm gains only ~5%, so padding must be nearly free.
+_PAD_WASTE = {True: 0.30, False: 0.05}  # keyed by "more than one thread"
 
 
 def grouped_mm_ok(*tensors: Tensor) -> bool:
@@ -46,12 +58,111 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _Block:
+    """Experts e0..e1-1, whose sorted kept slots are rows r0..r1-1 of the sort order.
+
+    ``cap`` is None for a ragged block (grouped matmul over ``sizes``) or the
+    padded rows per expert of a batched block. ``tok``/``slot`` give every row of
+    the block's buffers its token and slot; padding rows point at the extra
+    row T / slot N, which the caller drops.
+    """
+
+    __slots__ = ("e0", "e1", "r0", "r1", "sizes", "cap", "offs", "tok", "slot")
+
+    def __init__(self, e0: int, e1: int, r0: int, sizes: list[int], cap: int | None):
+        self.e0, self.e1, self.r0, self.r1 = e0, e1, r0, r0 + sum(sizes)
+        self.sizes, self.cap = sizes, cap
+
+    def index(self, tok_n: Tensor, order_n: Tensor, T: int, N: int, gmm: bool) -> None:
+        tok, slot = tok_n[self.r0 : self.r1], order_n[self.r0 : self.r1]
+        self.offs = None
+        if self.cap is None:
+            self.tok, self.slot = tok, slot
+            if gmm:
+                self.offs = torch.tensor(self.sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(tok.device)
+            return
+        # Row i of the block's j-th expert goes to padded row j*cap + i.
+        starts = [0]
+        for c in self.sizes[:-1]:
+            starts.append(starts[-1] + c)
+        shift = torch.tensor([j * self.cap - s for j, s in enumerate(starts)], device=tok.device)
+        sizes = torch.tensor(self.sizes, device=tok.device)
+        pos = torch.arange(tok.shape[0], device=tok.device) + shift.repeat_interleave(sizes, output_size=tok.shape[0])
+        rows = len(self.sizes) * self.cap
+        self.tok = tok.new_full((rows,), T).index_copy_(0, pos, tok)
+        self.slot = slot.new_full((rows,), N).index_copy_(0, pos, slot)
+
+    @property
+    def rows(self) -> int:
+        return self.r1 - self.r0 if self.cap is None else len(self.sizes) * self.cap
+
+
+def _blocks(counts: list[int], row_bytes: int, max_waste: float = 0.0) -> list[_Block]:
+    """Consecutive experts grouped into blocks of at most ``_BLOCK_BYTES`` per row buffer
+    (an expert larger than that is a block of its own). Experts without slots never
+    start a block, so the blocks cover experts 0..E-1 exactly (none when no slot is
+    kept) and every weight gradient is written by some block."""
+    limit = max(1, _BLOCK_BYTES // row_bytes)
+    spans, e0, rows = [], 0, 0
+    for e, c in enumerate(counts):
+        if rows and c and rows + c > limit:
+            spans.append((e0, e))
+            e0, rows = e, 0
+        rows += c
+    if rows:
+        spans.append((e0, len(counts)))
+    blocks, r0 = [], 0
+    for e0, e1 in spans:
+        sizes = counts[e0:e1]
+        n, cap = sum(sizes), max(sizes)
+        padded = len(sizes) > 1 and len(sizes) * cap <= (1 + max_waste) * n
+        blocks.append(_Block(e0, e1, r0, sizes, cap if padded else None))
+        r0 += n
+    return blocks
+
+
+def _mm_groups(a: Tensor, w: Tensor, blk: _Block) -> Tensor:
+    """Rows of expert g (of the block) times ``w[g]``."""
+    if blk.cap is not None:
+        return torch.bmm(a.view(len(blk.sizes), blk.cap, a.shape[1]), w).view(a.shape[0], w.shape[-1])
+    if blk.offs is not None:
+        return F.grouped_mm(a, w, offs=blk.offs)
+    out = a.new_empty(a.shape[0], w.shape[-1])
+    for a_g, w_g, o_g in zip(a.split(blk.sizes), w.unbind(0), out.split(blk.sizes)):
+        if a_g.shape[0]:
+            torch.mm(a_g, w_g, out=o_g)
+    return out
+
+
+def _wgrad_groups(a: Tensor, b: Tensor, blk: _Block) -> Tensor:
+    """Per expert ``a_g^T @ b_g`` -> [experts, A, B]; zeros for an expert without slots."""
+    if blk.cap is not None:
+        E = len(blk.sizes)
+        return torch.bmm(a.view(E, blk.cap, a.shape[1]).transpose(1, 2), b.view(E, blk.cap, b.shape[1]))
+    if blk.offs is not None:
+        return F.grouped_mm(a.t(), b, offs=blk.offs)
+    out = a.new_empty(len(blk.sizes), a.shape[1], b.shape[1])
+    for a_g, b_g, o_g in zip(a.split(blk.sizes), b.split(blk.sizes), out.unbind(0)):
+        if a_g.shape[0]:
+            torch.mm(a_g.t(), b_g, out=o_g)
+        else:
+            o_g.zero_()
+    return out
+
+
+def _with_zero_row(t: Tensor) -> Tensor:
+    """``t`` with one zero row (or element) appended: what padding reads and writes."""
+    return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+
 class _SortedExperts(torch.autograd.Function):
     """SwiGLU experts over slots sorted by expert, with a hand-written backward.
 
     Inputs: x_TD, gate_TK, w13 [E, D, 2H], w2 [E, H, D], order_N (slots sorted by
     expert, kept ones first), counts (kept slots per expert, host ints), K.
     Output: y_TD = sum over each token's kept slots of gate * expert(x).
+    Padding rows of batched blocks read a zero input row and carry a zero gate,
+    so they add exact zeros to every output and gradient.
     """
 
     @staticmethod
@@ -60,76 +171,78 @@ class _SortedExperts(torch.autograd.Function):
         dt = _compute_dtype(x_TD)
         x_TD, w13c, w2c = x_TD.to(dt), w13.to(dt), w2.to(dt)
         T, D = x_TD.shape
-        H = w2.shape[1]
+        H, N = w2.shape[1], gate_TK.numel()
         n = sum(counts)
         order_n = order_N[:n]
         tok_n = torch.div(order_n, K, rounding_mode="floor")
-        gate_n = gate_TK.reshape(-1).index_select(0, order_n).to(dt)
-        x_nD = x_TD.index_select(0, tok_n)
-        spans = _spans(counts)
-        h13, sa, act, y = (x_TD.new_empty(n, w) for w in (2 * H, H, H, D))
-        for e, s, t in spans:
-            torch.mm(x_nD[s:t], w13c[e], out=h13[s:t])
-        torch.ops.aten.silu.out(h13[:, :H], out=sa)
-        torch.mul(sa, h13[:, H:], out=act)
-        for e, s, t in spans:
-            torch.mm(act[s:t], w2c[e], out=y[s:t])
-        y.mul_(gate_n[:, None])
-        out = x_TD.new_zeros(T, D).index_add_(0, tok_n, y)
-        ctx.save_for_backward(x_nD, h13, sa, act, gate_n, tok_n, order_n, w13c, w2c)
-        ctx.spans, ctx.shapes = spans, (T, K, D, H)
-        ctx.dtypes = dtypes  # gradients go back in the inputs' own dtypes
-        return out
+        waste = _PAD_WASTE[torch.get_num_threads() > 1] if x_TD.device.type == "cpu" else 0.0
+        es = x_TD.element_size()
+        blocks = _blocks(counts, max(2 * H, D) * es, waste)
+        # torch's grouped matmul: fp32/bf16 with 16-byte aligned strides (also transposed).
+        gmm = hasattr(F, "grouped_mm") and dt in (torch.float32, torch.bfloat16) and D * es % 16 == H * es % 16 == 0
+        for blk in blocks:
+            blk.index(tok_n, order_n, T, N, gmm)
+        # Padding rows read (and write) one extra zero row: token T, slot N.
+        pad = any(blk.cap is not None for blk in blocks)
+        x_src = _with_zero_row(x_TD) if pad else x_TD
+        gate_src = gate_TK.reshape(-1).to(dt)
+        gate_src = _with_zero_row(gate_src) if pad else gate_src
+        out = x_TD.new_zeros(T + pad, D)
+        saved = []
+        for blk in blocks:
+            x_b = x_src.index_select(0, blk.tok)
+            gate_b = gate_src.index_select(0, blk.slot)
+            h13 = _mm_groups(x_b, w13c[blk.e0 : blk.e1], blk)
+            sa = F.silu(h13[:, :H])
+            act = sa * h13[:, H:]
+            y = _mm_groups(act, w2c[blk.e0 : blk.e1], blk)
+            out.index_add_(0, blk.tok, y.mul_(gate_b[:, None]))
+            saved.append((x_b, gate_b, h13, sa, act))
+        ctx.save_for_backward(w13c, w2c)
+        # Intermediates made here stay on ctx, one tuple per block, so that
+        # backward can free each block as soon as it is done with it.
+        ctx.blocks, ctx.saved_blocks, ctx.shapes, ctx.dtypes = blocks, saved, (T, K, D, H, pad), dtypes
+        return out[:T].clone() if pad else out  # a clone: no view of a buffer escapes
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_TD):
-        x_nD, h13, sa, act, gate_n, tok_n, order_n, w13, w2 = ctx.saved_tensors
-        spans, (T, K, D, H) = ctx.spans, ctx.shapes
-        n = x_nD.shape[0]
-        g_nD = g_TD.to(x_nD.dtype).contiguous().index_select(0, tok_n)
-        # Per slot: u = dL/d(act) before gating = g @ w2^T; the gate's gradient is
+        w13, w2 = ctx.saved_tensors
+        (T, K, D, H, pad), blocks = ctx.shapes, ctx.blocks
+        g_TD = g_TD.to(w13.dtype)
+        g_src = _with_zero_row(g_TD) if pad else g_TD.contiguous()
+        # Per row: u = dL/d(act) before gating = g @ w2^T; the gate's gradient is
         # <dL/dy, y> = <u, act>; then act = silu(a) * b gives
         # dL/db = gate * u * silu(a) and dL/da = silu'(a) * gate * u * b.
-        gg_n = gate_n.new_empty(n)
-        g_h13, g_x = x_nD.new_empty(n, 2 * H), x_nD.new_empty(n, D)
-        grad_w13, grad_w2 = _weight_grad_buffers(w13, spans), _weight_grad_buffers(w2, spans)
-        u = g_h13[:, :H]  # dL/d(act) lives where dL/da will be written
-        for e, s, t in spans:
-            torch.mm(g_nD[s:t], w2[e].t(), out=u[s:t])
-        torch.sum(u * act, -1, out=gg_n)
-        u.mul_(gate_n[:, None])
-        g_nD.mul_(gate_n[:, None])
-        for e, s, t in spans:
-            torch.mm(act[s:t].t(), g_nD[s:t], out=grad_w2[e])
-        torch.mul(u, sa, out=g_h13[:, H:])
-        torch.ops.aten.silu_backward.grad_input(u.mul_(h13[:, H:]), h13[:, :H], grad_input=u)
-        for e, s, t in spans:
-            torch.mm(x_nD[s:t].t(), g_h13[s:t], out=grad_w13[e])
-            torch.mm(g_h13[s:t], w13[e].t(), out=g_x[s:t])
+        grad_gate = g_TD.new_zeros(T * K + pad)
+        grad_x = g_TD.new_zeros(T + pad, D)
+        whole = len(blocks) == 1  # one block covers every expert: its weight gradients are the gradients
+        grad_w13 = None if whole else torch.empty_like(w13)
+        grad_w2 = None if whole else torch.empty_like(w2)
+        for i, blk in enumerate(blocks):
+            x_b, gate_b, h13, sa, act = ctx.saved_blocks[i]
+            ctx.saved_blocks[i] = None
+            gate_b = gate_b[:, None]
+            g_b = g_src.index_select(0, blk.tok)
+            u = _mm_groups(g_b, w2[blk.e0 : blk.e1].transpose(1, 2), blk)
+            grad_gate.index_add_(0, blk.slot, (u * act).sum(-1))
+            u.mul_(gate_b)
+            gw2 = _wgrad_groups(act, g_b.mul_(gate_b), blk)
+            g_h13 = torch.empty_like(h13)
+            torch.mul(u, sa, out=g_h13[:, H:])
+            torch.ops.aten.silu_backward.grad_input(u.mul_(h13[:, H:]), h13[:, :H], grad_input=g_h13[:, :H])
+            gw13 = _wgrad_groups(x_b, g_h13, blk)
+            grad_x.index_add_(0, blk.tok, _mm_groups(g_h13, w13[blk.e0 : blk.e1].transpose(1, 2), blk))
+            if whole:
+                grad_w13, grad_w2 = gw13, gw2
+            else:
+                grad_w13[blk.e0 : blk.e1] = gw13
+                grad_w2[blk.e0 : blk.e1] = gw2
+        if not blocks:  # every slot dropped
+            grad_w13, grad_w2 = torch.zeros_like(w13), torch.zeros_like(w2)
         dx, dgate, dw13, dw2 = ctx.dtypes
-        grad_x = x_nD.new_zeros(T, D).index_add_(0, tok_n, g_x).to(dx)
-        grad_gate = gg_n.new_zeros(T * K).index_copy_(0, order_n, gg_n).view(T, K).to(dgate)
-        return grad_x, grad_gate, grad_w13.to(dw13), grad_w2.to(dw2), None, None, None
-
-
-def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, start row, end row) of every expert with at least one slot."""
-    spans, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            spans.append((e, start, start + c))
-        start += c
-    return spans
-
-
-def _weight_grad_buffers(w: Tensor, spans) -> Tensor:
-    """Gradient buffer of a stacked weight: every used expert's block is overwritten by
-    its matmul, so only idle experts are zeroed (filling all E blocks costs more)."""
-    grad = torch.empty_like(w)
-    for e in set(range(w.shape[0])) - {e for e, _, _ in spans}:
-        grad[e].zero_()
-    return grad
+        grad_gate = grad_gate[: T * K].view(T, K).to(dgate)
+        return grad_x[:T].to(dx), grad_gate, grad_w13.to(dw13), grad_w2.to(dw2), None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -145,8 +258,8 @@ class GroupedExperts(nn.Module):
         ok = grouped_mm_ok(self.w13, self.w2, x)
         if self.impl == "grouped_mm":
             return ok
-        # auto: on CPU torch's grouped matmul is itself a loop of plain matmuls, and
-        # the fused loop below also saves the autograd bookkeeping around it.
+        # auto: on CPU torch's grouped matmul is itself a loop of plain matmuls; the
+        # fused function (which uses it inside) also saves the autograd bookkeeping.
         return ok and x.is_cuda
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gate_TK: Tensor, keep_TK: Tensor | None = None) -> Tensor:
