@@ -47,7 +47,7 @@ LAYER_SHAPES = (
     LayerShape("B", 256, 256, 16, 4, 8192, max_vs_dense=1.25),
     LayerShape("C", 512, 256, 64, 8, 4096, max_vs_dense=1.35, min_vs_hf=1.15),
     LayerShape("D", 128, 256, 8, 2, 2048, max_vs_dense=1.25),
-    LayerShape("quick", 128, 256, 16, 2, 512),  # configs/quick.yaml: micro-batch 2 x seq 256
+    LayerShape("quick", 128, 256, 24, 2, 512),  # configs/quick.yaml: micro-batch 2 x seq 256
 )
 
 

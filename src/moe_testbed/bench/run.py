@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_testbed.allocator import keep_freed_memory
+
 SECTIONS = ("layer", "step", "balance", "stats")
 
 
@@ -92,6 +94,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     from moe_testbed.bench.guard import FP32_TOL
 
     torch.set_num_threads(opts.threads)
+    malloc_tuned = keep_freed_memory()  # as the trainer does; applies to every variant alike
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     # bf16 keeps ~3 significant digits: the guard then checks for gross errors only.
@@ -100,6 +103,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     reps = {k: (opts.repeats or r, w) for k, (r, w) in plan.items()}
     started = time.time()
     out: dict = {"meta": {**environment(device, dtype, opts.threads), "quick": opts.quick,
+                          "malloc_keep_freed": malloc_tuned,
                           "guard_tol": tol, "started": time.strftime("%Y-%m-%d %H:%M:%S")}}  # fmt: skip
     targets: list[dict] = []
     memory = opts.memory

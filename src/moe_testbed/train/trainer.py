@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_testbed.allocator import keep_freed_memory
 from moe_testbed.analysis.metrics import routing_scalars
 from moe_testbed.analysis.tensorboard import ScalarLogger
 from moe_testbed.config import Config
@@ -84,6 +85,7 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        keep_freed_memory()  # see allocator.py: fewer page faults per step on CPU
         self.device = resolve_device(t.device)
         self.autocast = autocast_for(self.device, t.dtype)
         self.mix = ensure_mix(cfg.data)
