@@ -32,7 +32,7 @@ def autograd_reference(x, idx, gate, w13, w2, keep):
 def test_every_gradient_matches(monkeypatch, dtype, block_bytes, pad, drops):
     monkeypatch.setattr(experts_mod, "_BLOCK_BYTES", block_bytes)
     waste = 100.0 if pad else -1.0
-    monkeypatch.setattr(experts_mod, "_PAD_WASTE", {True: waste, False: waste})
+    monkeypatch.setattr(experts_mod, "_PAD_WASTE", {True: (waste, waste), False: (waste, waste)})
     torch.manual_seed(0)
     T, K, E, D, H = 37, 3, 7, 16, 8
     ex = GroupedExperts(E, D, H, impl="loop").to(dtype)
@@ -65,9 +65,16 @@ def test_blocks_cover_every_expert_once():
     blocks = experts_mod._blocks([3, 0, 5, 0, 0, 2, 0], row_bytes=experts_mod._BLOCK_BYTES // 4)
     assert [(b.e0, b.e1, b.r0, b.r1) for b in blocks] == [(0, 2, 0, 3), (2, 5, 3, 8), (5, 7, 8, 10)]
     assert all(b.cap is None for b in blocks)  # no padding allowed by default here
-    padded = experts_mod._blocks([4, 3, 4, 4], row_bytes=4, max_waste=0.2)
+    padded = experts_mod._blocks([4, 3, 4, 4], row_bytes=4, max_waste=(0.2, 0.2))
     assert len(padded) == 1 and padded[0].cap == 4 and padded[0].rows == 16
     assert experts_mod._blocks([0, 0], row_bytes=4) == []
+    big = experts_mod._PAD_MAX_MACS // 1000 + 1  # large matmuls per expert: plain matmuls beat bmm, never pad
+    assert experts_mod._blocks([big, big], row_bytes=4, max_waste=(1.0, 1.0), row_macs=1000)[0].cap is None
+    assert experts_mod._blocks([big, big], row_bytes=4, max_waste=(1.0, 1.0), row_macs=1)[0].cap == big
+    # Few rows per expert may pad more than many rows (measured: bmm wins by more there).
+    few, many = [100, 60], [300, 180]  # both pad by 25% of rows
+    assert experts_mod._blocks(few, row_bytes=4, max_waste=(0.3, 0.2))[0].cap == 100
+    assert experts_mod._blocks(many, row_bytes=4, max_waste=(0.3, 0.2))[0].cap is None
 
 
 def test_all_slots_dropped_gives_zero_output_and_gradients():

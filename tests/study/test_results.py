@@ -83,3 +83,17 @@ def test_mixed_types_in_a_column_become_text(tmp_path: Path):
     rows = {r["name"]: r for r in pq.read_table(tmp_path / "results.parquet").to_pylist()}
     assert rows["b"]["routing.groups"] == '{"py":[0,1]}'
     assert (rows["a"]["x.y"], rows["b"]["x.y"]) == ("1", "one")
+
+
+def test_training_drop_rate_comes_from_the_summary(tmp_path: Path):
+    # Capacity drops happen in training (evaluation is dropless by default), so the
+    # table carries the last training log's drop rate next to the validation metrics.
+    summary = {"tokens_per_s": 10.0, "train_routing": {"train/drop_rate/mean": 0.25},
+               "final": {"val/loss": 3.0, "val/drop_rate/mean": 0.0}}  # fmt: skip
+    write_result(tmp_path, make_record("cf1", "complete", {"balance.capacity_factor": 1.0}, summary=summary))
+    write_result(tmp_path, make_record("dense", "complete", {"model.dense": True}, summary={"final": {}}))
+    rows, columns = table_rows(tmp_path)
+    assert columns.index("train/drop_rate/mean") == columns.index("val/drop_rate/mean") + 1
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["cf1"]["train/drop_rate/mean"] == 0.25 and by_name["cf1"]["val/drop_rate/mean"] == 0.0
+    assert by_name["dense"]["train/drop_rate/mean"] is None

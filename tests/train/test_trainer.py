@@ -47,6 +47,9 @@ def test_training_lowers_loss_and_writes_run_dir(tiny_data_dir, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["steps"] == 30
     assert summary["params_active"] < summary["params_total"]
+    # The last training log's routing means: dropless here, so no drops.
+    assert summary["train_routing"]["train/drop_rate/mean"] == 0.0
+    assert summary["train_routing"]["train/util/mean"] == train[-1]["util/mean"]
     snaps = sorted((run_dir / "routing").glob("step_*.npz"))
     assert snaps, "routing tables are saved at every evaluation"
 

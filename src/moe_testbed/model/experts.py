@@ -34,12 +34,16 @@ from torch.autograd.function import once_differentiable
 # freed buffers are reused instead of being mapped afresh (page faults cost
 # ~0.25 ms per MiB, on every call). Small layers are one block: fewest op calls.
 _BLOCK_BYTES = 16 << 20
-# A block whose experts have similar loads is padded to equal sizes and run as
-# one batched matmul, which with 2+ threads splits the batch across threads
-# instead of splitting each small matmul (1.3-1.4x faster at 64 rows per
-# expert); worth it while padding adds at most this share of rows. With one
-# thread bmm gains only ~5%, so padding must be nearly free.
-_PAD_WASTE = {True: 0.30, False: 0.05}  # keyed by "more than one thread"
+# With 2+ threads, a block of experts with small matmuls is padded to equal sizes
+# and run as one batched matmul, which splits the batch across threads instead of
+# splitting each small matmul. Measured on 2 cores, side by side: ~40 rows x d128
+# per expert (the quick shape) ran 1.16x faster even with padding up to twice the
+# rows; ~500 rows x d128 (D) 1.03x faster with under 30% padding; ~500 rows x
+# d512 (C) and ~2k rows (A, B) ran 5-12% slower than with plain matmuls, and with
+# one thread bmm is slower at every size. Hence the limits below.
+_PAD_WASTE = {True: (1.0, 0.30), False: (-1.0, -1.0)}  # most padding as a share of rows, for
+_PAD_SMALL_ROWS = 128  # blocks of <= / > this many rows per expert; by "more than one thread"
+_PAD_MAX_MACS = 64 << 20  # per expert: rows x D x 2H above this, a block is never padded
 
 
 def grouped_mm_ok(*tensors: Tensor) -> bool:
@@ -97,7 +101,9 @@ class _Block:
         return self.r1 - self.r0 if self.cap is None else len(self.sizes) * self.cap
 
 
-def _blocks(counts: list[int], row_bytes: int, max_waste: float = 0.0) -> list[_Block]:
+def _blocks(
+    counts: list[int], row_bytes: int, max_waste: tuple[float, float] = (-1.0, -1.0), row_macs: int = 0
+) -> list[_Block]:
     """Consecutive experts grouped into blocks of at most ``_BLOCK_BYTES`` per row buffer
     (an expert larger than that is a block of its own). Experts without slots never
     start a block, so the blocks cover experts 0..E-1 exactly (none when no slot is
@@ -115,7 +121,8 @@ def _blocks(counts: list[int], row_bytes: int, max_waste: float = 0.0) -> list[_
     for e0, e1 in spans:
         sizes = counts[e0:e1]
         n, cap = sum(sizes), max(sizes)
-        padded = len(sizes) > 1 and len(sizes) * cap <= (1 + max_waste) * n
+        waste = max_waste[0] if cap <= _PAD_SMALL_ROWS else max_waste[1]
+        padded = len(sizes) > 1 and cap * row_macs <= _PAD_MAX_MACS and len(sizes) * cap <= (1 + waste) * n
         blocks.append(_Block(e0, e1, r0, sizes, cap if padded else None))
         r0 += n
     return blocks
@@ -175,9 +182,9 @@ class _SortedExperts(torch.autograd.Function):
         n = sum(counts)
         order_n = order_N[:n]
         tok_n = torch.div(order_n, K, rounding_mode="floor")
-        waste = _PAD_WASTE[torch.get_num_threads() > 1] if x_TD.device.type == "cpu" else 0.0
+        waste = _PAD_WASTE[torch.get_num_threads() > 1] if x_TD.device.type == "cpu" else (-1.0, -1.0)
         es = x_TD.element_size()
-        blocks = _blocks(counts, max(2 * H, D) * es, waste)
+        blocks = _blocks(counts, max(2 * H, D) * es, waste, row_macs=D * 2 * H)
         # torch's grouped matmul: fp32/bf16 with 16-byte aligned strides (also transposed).
         gmm = hasattr(F, "grouped_mm") and dt in (torch.float32, torch.bfloat16) and D * es % 16 == H * es % 16 == 0
         for blk in blocks:
@@ -195,9 +202,9 @@ class _SortedExperts(torch.autograd.Function):
             h13 = _mm_groups(x_b, w13c[blk.e0 : blk.e1], blk)
             sa = F.silu(h13[:, :H])
             act = sa * h13[:, H:]
-            y = _mm_groups(act, w2c[blk.e0 : blk.e1], blk)
-            out.index_add_(0, blk.tok, y.mul_(gate_b[:, None]))
-            saved.append((x_b, gate_b, h13, sa, act))
+            y = _mm_groups(act, w2c[blk.e0 : blk.e1], blk)  # kept unscaled: the gate's gradient needs it
+            out.index_add_(0, blk.tok, y * gate_b[:, None])
+            saved.append((x_b, gate_b, h13, sa, act, y))
         ctx.save_for_backward(w13c, w2c)
         # Intermediates made here stay on ctx, one tuple per block, so that
         # backward can free each block as soon as it is done with it.
@@ -211,23 +218,25 @@ class _SortedExperts(torch.autograd.Function):
         (T, K, D, H, pad), blocks = ctx.shapes, ctx.blocks
         g_TD = g_TD.to(w13.dtype)
         g_src = _with_zero_row(g_TD) if pad else g_TD.contiguous()
-        # Per row: u = dL/d(act) before gating = g @ w2^T; the gate's gradient is
-        # <dL/dy, y> = <u, act>; then act = silu(a) * b gives
-        # dL/db = gate * u * silu(a) and dL/da = silu'(a) * gate * u * b.
+        # Per row, with y the unscaled expert output: the gate's gradient is <g, y>
+        # (D wide, cheaper than the equal <g @ w2^T, act>, H wide). Scaling g by the
+        # gate first makes u = (gate * g) @ w2^T = dL/d(act) directly; then
+        # act = silu(a) * b gives dL/db = u * silu(a) and dL/da = silu'(a) * u * b.
         grad_gate = g_TD.new_zeros(T * K + pad)
         grad_x = g_TD.new_zeros(T + pad, D)
         whole = len(blocks) == 1  # one block covers every expert: its weight gradients are the gradients
         grad_w13 = None if whole else torch.empty_like(w13)
         grad_w2 = None if whole else torch.empty_like(w2)
         for i, blk in enumerate(blocks):
-            x_b, gate_b, h13, sa, act = ctx.saved_blocks[i]
+            x_b, gate_b, h13, sa, act, y = ctx.saved_blocks[i]
             ctx.saved_blocks[i] = None
             gate_b = gate_b[:, None]
             g_b = g_src.index_select(0, blk.tok)
+            grad_gate.index_add_(0, blk.slot, (g_b * y).sum(-1))
+            del y
+            g_b.mul_(gate_b)
             u = _mm_groups(g_b, w2[blk.e0 : blk.e1].transpose(1, 2), blk)
-            grad_gate.index_add_(0, blk.slot, (u * act).sum(-1))
-            u.mul_(gate_b)
-            gw2 = _wgrad_groups(act, g_b.mul_(gate_b), blk)
+            gw2 = _wgrad_groups(act, g_b, blk)
             g_h13 = torch.empty_like(h13)
             torch.mul(u, sa, out=g_h13[:, H:])
             torch.ops.aten.silu_backward.grad_input(u.mul_(h13[:, H:]), h13[:, :H], grad_input=g_h13[:, :H])

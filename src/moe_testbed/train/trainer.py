@@ -77,6 +77,9 @@ def default_run_name(cfg: Config) -> str:
     return f"{cfg.routing.router}-{cfg.balance.method}-{cfg.balance.scope}-s{cfg.train.seed}"
 
 
+TRAIN_ROUTING_KEYS = ("drop_rate/mean", "util/mean", "purity/mean")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, group=None, rank: int = 0, world_size: int = 1, log=print):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
@@ -114,6 +117,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.window = self._empty_window()
+        # Routing means of the last training log (drops happen in training: evaluation is
+        # dropless unless balance.eval_capacity_factor is set); summary.json carries them.
+        self.train_routing: dict[str, float] = {}
         self.train_time, self.train_tokens = 0.0, 0  # this process's measured throughput
         self.params = count_params(self.model)
         self.warnings: list[str] = []
@@ -227,6 +233,7 @@ class Trainer:
                 "wall_s": round(wall, 2),
                 "tokens_per_s": round(self.train_tokens / max(self.train_time, 1e-9), 1),
                 "final": final or {},
+                "train_routing": self.train_routing,
                 "warnings": self.warnings,
                 "reference_groups": {d: g for d, g in zip(self.domains, self.groups)},
                 "moe_layers": self.model.moe_layer_names,
@@ -253,6 +260,7 @@ class Trainer:
                 )
             )  # fmt: skip
             self.recorder.reset()
+            self.train_routing = {f"train/{k}": record[k] for k in TRAIN_ROUTING_KEYS if k in record}
         self._write_metrics(record)
         self.progress.update(self.step, record)
         self.window = self._empty_window()
