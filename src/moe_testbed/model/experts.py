@@ -41,8 +41,10 @@ _BLOCK_BYTES = 16 << 20
 # rows; ~500 rows x d128 (D) 1.03x faster with under 30% padding; ~500 rows x
 # d512 (C) and ~2k rows (A, B) ran 5-12% slower than with plain matmuls, and with
 # one thread bmm is slower at every size. Hence the limits below.
-_PAD_WASTE = {True: (1.0, 0.30), False: (-1.0, -1.0)}  # most padding as a share of rows, for
-_PAD_SMALL_ROWS = 128  # blocks of <= / > this many rows per expert; by "more than one thread"
+# Most padding, as a share of a block's rows, for (blocks of at most _PAD_SMALL_ROWS
+# rows per expert, larger blocks), keyed by "more than one thread"; -1: never pad.
+_PAD_WASTE = {True: (1.0, 0.30), False: (-1.0, -1.0)}
+_PAD_SMALL_ROWS = 128
 _PAD_MAX_MACS = 64 << 20  # per expert: rows x D x 2H above this, a block is never padded
 
 
