@@ -36,16 +36,6 @@ FULL = {"layer": (9, 2), "step": (7, 1), "balance": (9, 1), "stats": (11, 1)}
 QUICK = {"layer": (2, 1), "step": (2, 1), "balance": (2, 1), "stats": (2, 1)}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from moe_testbed.config import ConfigError
-
-        raise ConfigError("bench --device cuda: no CUDA device is available; use --device auto or cpu")
-    return torch.device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -92,10 +82,11 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     from moe_testbed.bench import layer as layer_mod
     from moe_testbed.bench import step as step_mod
     from moe_testbed.bench.guard import FP32_TOL
+    from moe_testbed.train.trainer import resolve_device
 
     torch.set_num_threads(opts.threads)
     malloc_tuned = keep_freed_memory()  # as the trainer does; applies to every variant alike
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device, option="bench --device ")
     dtype = resolve_dtype(opts.dtype, device)
     # bf16 keeps ~3 significant digits: the guard then checks for gross errors only.
     tol = FP32_TOL if dtype == torch.float32 else 3e-2

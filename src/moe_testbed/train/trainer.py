@@ -41,13 +41,14 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez_compressed(fh, **arrays)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device=") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``option`` names the setting in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from moe_testbed.config import ConfigError
 
-        raise ConfigError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
+        raise ConfigError(f"{option}cuda but no CUDA device is available: use {option}auto or {option}cpu")
     return torch.device(name)
 
 
