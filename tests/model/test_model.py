@@ -70,14 +70,20 @@ def reference_moe(x_TD, idx_TK, gate_TK, w13, w2, keep_TK=None):
     return out
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
-@pytest.mark.parametrize("with_drops", [False, True])
-def test_grouped_experts_match_per_token_reference(impl, with_drops):
-    torch.manual_seed(1)
-    T, K, E, D, H = 23, 2, 5, 16, 8
+def random_experts(seed: int, E: int, D: int, H: int, impl: str) -> GroupedExperts:
+    """Experts with unit-scale weights (the default init is near zero), seeded."""
+    torch.manual_seed(seed)
     experts = GroupedExperts(E, D, H, impl=impl)
     torch.nn.init.normal_(experts.w13)
     torch.nn.init.normal_(experts.w2)
+    return experts
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("with_drops", [False, True])
+def test_grouped_experts_match_per_token_reference(impl, with_drops):
+    T, K, E, D, H = 23, 2, 5, 16, 8
+    experts = random_experts(1, E, D, H, impl)
     x = torch.randn(T, D)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     gate = torch.rand(T, K)
@@ -99,11 +105,8 @@ def test_grouped_experts_match_per_token_reference(impl, with_drops):
 @pytest.mark.parametrize("with_drops", [False, True])
 def test_grouped_experts_gradients_match_autograd_reference(impl, with_drops):
     """The loop path has a hand-written backward: pin every gradient against autograd in float64."""
-    torch.manual_seed(2)
     T, K, E, D, H = 19, 2, 4, 16, 8
-    experts = GroupedExperts(E, D, H, impl=impl)
-    torch.nn.init.normal_(experts.w13)
-    torch.nn.init.normal_(experts.w2)
+    experts = random_experts(2, E, D, H, impl)
     x = torch.randn(T, D, requires_grad=True)
     gate = torch.rand(T, K, requires_grad=True)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
