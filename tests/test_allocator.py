@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-# One quick-model training step (1 layer, 8 experts, 2 micro-batches): minor page faults per step.
+# One quick-model training step (1 layer, 8 experts, 4 micro-batches of 512 tokens, the quick
+# preset's shape): minor page faults per step. Every buffer stays under glibc's 32 MiB mmap
+# ceiling: larger ones (8192-way logits of bigger micro-batches) are mapped afresh whatever the
+# setting, and how many faults they cost depends on the kernel's transparent-huge-page mode.
 PROBE = """
 import resource, sys, torch
 from moe_testbed.allocator import keep_freed_memory
@@ -16,7 +19,7 @@ if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 torch.set_num_threads(1)
 cfg = load_step_config(None, ["model.n_layers=1", "model.n_experts=8"])
-step, _, _ = make_train_step(cfg, StepSetup(cfg, 8192, 2, torch.device("cpu"), torch.float32))
+step, _, _ = make_train_step(cfg, StepSetup(cfg, 2048, 4, torch.device("cpu"), torch.float32))
 for _ in range(2):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -35,9 +38,9 @@ def _faults_per_step(mode: str) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_step_stops_faulting_in_fresh_pages():
     default, tuned = _faults_per_step("default"), _faults_per_step("tuned")
-    # Measured: ~22k faults per step by default (~90 MiB of fresh pages), ~150 tuned.
+    # Measured: 6-9k faults per step by default (25-35 MiB of fresh pages), 170-580 tuned.
     assert default > 2000
-    assert tuned < default / 10
+    assert tuned < default / 5
 
 
 def test_opt_out_leaves_glibc_alone(monkeypatch):
