@@ -95,7 +95,7 @@ class BalanceConfig:
 class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step over all data-parallel ranks together
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20

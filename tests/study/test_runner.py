@@ -144,3 +144,12 @@ def test_cli(tmp_path: Path, capsys, monkeypatch):
     assert main(["quick", "--dry-run"]) == 0
     assert "study quick: 6 runs" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "studies")
+
+
+def test_only_says_its_counts_are_of_the_selected_runs(tmp_path: Path):
+    spec = write_spec(tmp_path / "s.yaml", grid={"train.seed": [0, 1, 2]})
+    out = tmp_path / "study"
+    code, text = run(spec, out, "run_ok")
+    assert code == 0 and "(3 complete)" in text
+    code, text = run(spec, out, "run_ok", only=["seed1"])
+    assert code == 0 and "(1 complete of the 1 selected runs; 3 rows in the table)" in text

@@ -3,34 +3,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moe_testbed.config import load_config
 from moe_testbed.train.checkpoint import CheckpointError
 from moe_testbed.train.trainer import run_training
-
-REPO = Path(__file__).resolve().parents[2]
-TIMING_KEYS = {"tokens_per_s"}
-
-
-def tiny_cfg(data_dir, *overrides):
-    return load_config(
-        REPO / "configs/tiny.yaml", [f"data.dir={data_dir}", "run.progress=none", "train.threads=1", *overrides]
-    )
-
-
-def final_weights(run_dir):
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
-    return load_file(ckpts[-1] / "model.safetensors")
-
-
-def metric_lines(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in rec.items() if k not in TIMING_KEYS} for rec in lines]
+from tests.train.runs import REPO, final_weights, metric_lines, tiny_cfg
 
 
 def test_training_lowers_loss_and_writes_run_dir(tiny_data_dir, tmp_path):

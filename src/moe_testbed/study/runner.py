@@ -305,7 +305,10 @@ def _finish(jobs: list[Job], rows: list[dict[str, Any]], study_dir: Path, report
     for job in jobs:  # conflict/busy runs may have no record at all
         if job.state.action in ("conflict", "busy") and job.run.name not in {r["name"] for r in rows}:
             counts[job.state.action] = counts.get(job.state.action, 0) + 1
-    say(f"results   {study_dir / 'results.csv'} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    if any(r["name"] not in chosen for r in rows):  # --only: the table also holds the other runs' rows
+        summary += f" of the {len(chosen)} selected runs; {len(rows)} rows in the table"
+    say(f"results   {study_dir / 'results.csv'} ({summary})")
     failed = [r for r in rows if r["name"] in chosen and r["status"] not in ("complete", "skipped")]
     for row in failed:
         say(f"          {row['name']}: {row['status']}: {row['reason'] or ''}")

@@ -15,9 +15,14 @@ from moe_testbed.routing.stats import RoutingRecorder
 
 @torch.no_grad()
 def evaluate(
-    model, val_batches, domains: list[str], groups: list[list[int]], cfg, device, autocast
+    model, val_batches, domains: list[str], groups: list[list[int]], cfg, device, autocast, dp=None
 ) -> tuple[dict, dict]:
-    """Returns (scalars for metrics.jsonl, arrays for routing/step_*.npz)."""
+    """Returns (scalars for metrics.jsonl, arrays for routing/step_*.npz).
+
+    ``dp`` (train/distributed.py): each rank evaluates every N-th batch and the sums
+    are reduced, so every rank returns the numbers of the whole validation set.
+    """
+    rank, world = (dp.rank, dp.world_size) if dp is not None else (0, 1)
     was_training = model.training
     model.eval()
     n_layers = len(model.moe_layers)
@@ -25,7 +30,7 @@ def evaluate(
     recorder = RoutingRecorder(max(n_layers, 1), E, len(domains), device)
     loss_sum = np.zeros(len(domains))
     tok_sum = np.zeros(len(domains))
-    for name, inp, tgt, dom in val_batches:
+    for name, inp, tgt, dom in val_batches[rank::world]:
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
         ctx = RoutingContext(
             training=False,
@@ -42,6 +47,10 @@ def evaluate(
         tok_sum[d] += (tgt != -100).sum().item()
     if was_training:
         model.train()
+    if world > 1:
+        sums = dp.sum({"loss": torch.from_numpy(loss_sum), "tok": torch.from_numpy(tok_sum)})
+        loss_sum, tok_sum = sums["loss"].numpy(), sums["tok"].numpy()
+    tables = recorder.tables() if world == 1 else dp.sum(recorder.tables())
     present = tok_sum > 0
     scalars: dict[str, float] = {"val/loss": float(loss_sum[present].sum() / tok_sum[present].sum())}
     # Per-domain losses are averaged with equal domain weight in val/loss_balanced.
@@ -53,7 +62,7 @@ def evaluate(
             scalars[f"val/ppl/{name}"] = float(math.exp(min(loss_sum[d] / tok_sum[d], 50.0)))
     arrays: dict = {}
     if n_layers:
-        t = {key: v.numpy() for key, v in recorder.tables().items()}
+        t = {key: v.numpy() for key, v in tables.items()}
         counts = t["counts"]
         ref = np.stack([reference_counts(t["tokens"][l] * k, groups, E) for l in range(n_layers)])
         scalars.update(

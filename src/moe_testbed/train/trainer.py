@@ -8,7 +8,6 @@ with the same weights as an uninterrupted one (bitwise on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,12 +27,14 @@ from moe_testbed.model.transformer import moe_layer_indices
 from moe_testbed.routing.base import RoutingContext
 from moe_testbed.routing.groups import describe_groups, reference_groups
 from moe_testbed.routing.registry import ROUTERS
-from moe_testbed.routing.scope import LocalGroup
 from moe_testbed.routing.stats import RoutingRecorder
 from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_testbed.train.distributed import DataParallel, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.progress import Progress
+from moe_testbed.train.run_state import RunState
 from moe_testbed.train.schedule import lr_at
+from moe_testbed.train.setup import autocast_for, build_optimizer, default_run_name
 
 
 def _savez(path: Path, arrays: dict) -> None:
@@ -41,56 +42,21 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez_compressed(fh, **arrays)
 
 
-def resolve_device(name: str, option: str = "train.device=") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``option`` names the setting in the error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from moe_testbed.config import ConfigError
-
-        raise ConfigError(f"{option}cuda but no CUDA device is available: use {option}auto or {option}cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms) do not (nanoGPT's rule)."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    t = cfg.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
-
-
-def default_run_name(cfg: Config) -> str:
-    if cfg.model.dense:
-        return f"dense-{cfg.model.dense_match}-s{cfg.train.seed}"
-    return f"{cfg.routing.router}-{cfg.balance.method}-{cfg.balance.scope}-s{cfg.train.seed}"
-
-
 TRAIN_ROUTING_KEYS = ("drop_rate/mean", "util/mean", "purity/mean")
 
 
-class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, group=None, rank: int = 0, world_size: int = 1, log=print):
+class Trainer(RunState):
+    def __init__(self, cfg: Config, run_dir: Path, dp: DataParallel | None = None, log=print):
+        """``dp``: this process's place in a data-parallel run (distributed.py); None = alone."""
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
-        self.rank, self.world_size = rank, world_size
-        self.group = group or LocalGroup()
         t = cfg.train
+        self.dp = dp or init_data_parallel(t.device)
+        self.rank, self.world_size, self.group = self.dp.rank, self.dp.world_size, self.dp.group
+        self.accum = self.dp.local_accumulation(t.grad_accum)
         if t.threads:
             torch.set_num_threads(t.threads)
         keep_freed_memory()  # see allocator.py: fewer page faults per step on CPU
-        self.device = resolve_device(t.device)
+        self.device = self.dp.device
         self.autocast = autocast_for(self.device, t.dtype)
         self.mix = ensure_mix(cfg.data)
         self.domains = self.mix.domains
@@ -104,10 +70,13 @@ class Trainer:
         self.groups = reference_groups(self.domains, cfg.model.n_experts, cfg.routing.top_k, cfg.routing.groups)
         info["groups"] = self.groups
         self.model = Transformer(cfg, self.mix.vocab_size, info).to(self.device)
+        self.dp.broadcast_model(self.model)
+        if self.world_size > 1:  # same weights everywhere, but each rank its own router noise
+            torch.manual_seed(self.dp.rank_seed(t.seed))
         self.optimizer = build_optimizer(self.model, cfg)
         self.loader = self.mix.train_loader(
             cfg.data.seq_len, t.micro_batch_size, t.seed, packing=cfg.data.packing, weights=cfg.data.weights,
-            domains=cfg.data.domains, rank=rank, world_size=world_size,
+            domains=cfg.data.domains, rank=self.rank, world_size=self.world_size,
         )  # fmt: skip
         self.val_batches = self.mix.val_batches(
             cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.tokens_per_domain, cfg.data.domains
@@ -138,53 +107,6 @@ class Trainer:
     def _empty_window() -> dict:
         return {"loss": 0.0, "aux": {}, "n": 0, "tokens": 0, "time": 0.0}
 
-    # -- state ----------------------------------------------------------------
-    def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "timing": {"train_time": self.train_time, "train_tokens": self.train_tokens, "wall": self._wall()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
-            "loader": self.loader.state_dict(),
-            "recorder": self.recorder.state_dict(),
-            "since_eval": self.since_eval,
-            "window": {
-                **self.window,
-                "loss": float(self.window["loss"]),
-                "aux": {k: float(v) for k, v in self.window["aux"].items()},
-            },
-            "routers": {i: layer.router.state_dict() for i, layer in enumerate(self.model.moe_layers)},
-            "router_extra": {
-                i: getattr(layer.router, "extra_state", lambda: None)() for i, layer in enumerate(self.model.moe_layers)
-            },
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens = state["step"], state["tokens"]
-        timing = state.get("timing", {})
-        self.train_time, self.train_tokens = timing.get("train_time", 0.0), timing.get("train_tokens", 0)
-        # Wall time counts the work before the kill too (not the time the run was dead).
-        self.wall_start = time.time() - timing.get("wall", 0.0)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.loader.load_state_dict(state["loader"])
-        self.recorder.load_state_dict(state["recorder"])
-        self.since_eval = state["since_eval"]
-        self.window = state["window"]
-        for i, layer in enumerate(self.model.moe_layers):
-            extra = state.get("router_extra", {}).get(i)
-            if extra is not None and hasattr(layer.router, "load_extra_state"):
-                layer.router.load_extra_state(extra)
-            # A router frozen at step N must stay frozen after resume.
-            if hasattr(layer.router, "sync_after_resume"):
-                layer.router.sync_after_resume(self.step)
-
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
@@ -192,7 +114,8 @@ class Trainer:
         state = load_checkpoint(ckpt, self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.load_state_dict(state)
-        self._truncate_metrics(self.step)
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
         self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.step})")
         return True
 
@@ -231,6 +154,7 @@ class Trainer:
                 "params_embedding": self.params["embedding"],
                 "tokens": self.tokens,
                 "steps": self.step,
+                "world_size": self.world_size,
                 "wall_s": round(wall, 2),
                 "tokens_per_s": round(self.train_tokens / max(self.train_time, 1e-9), 1),
                 "final": final or {},
@@ -243,6 +167,10 @@ class Trainer:
 
     def _log_step(self, lr: float, grad_norm: float) -> None:
         w = self.window
+        # Means over ranks: every rank logs (and rank 0 writes) the numbers of the whole run.
+        sums = self.dp.sum({"loss": torch.as_tensor(w["loss"]), **{k: torch.as_tensor(v) for k, v in w["aux"].items()}})
+        w["loss"] = sums.pop("loss") / self.world_size
+        w["aux"] = {k: v / self.world_size for k, v in sums.items()}
         loss = float(w["loss"]) / max(w["n"], 1)
         record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr}
         record["grad_norm"] = grad_norm
@@ -252,7 +180,7 @@ class Trainer:
         self.train_time += w["time"]
         self.train_tokens += w["tokens"]
         if self.model.moe_layers and self.cfg.train.routing_stats:
-            t = {k: v.numpy() for k, v in self.recorder.tables().items()}
+            t = {k: v.numpy() for k, v in self.dp.sum(self.recorder.tables()).items()}
             self.since_eval += t["counts"]
             record.update(
                 routing_scalars(
@@ -268,7 +196,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         scalars, arrays = evaluate(
-            self.model, self.val_batches, self.domains, self.groups, self.cfg, self.device, self.autocast
+            self.model, self.val_batches, self.domains, self.groups, self.cfg, self.device, self.autocast, self.dp
         )
         record = {"kind": "eval", "step": self.step, "tokens": self.tokens, **scalars}
         self._write_metrics(record)
@@ -306,21 +234,22 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss_acc = torch.zeros((), device=self.device)
                 aux_acc: dict[str, torch.Tensor] = {}
-                for mb in range(t.grad_accum):
+                for mb in range(self.accum):
                     inp, tgt, dom = (x.to(self.device, non_blocking=True) for x in self.loader.next_batch())
                     ctx = RoutingContext(
                         training=True, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1), step=self.step,
-                        microbatch=mb, tokens_in_step=inp.numel() * t.grad_accum, group=self.group,
+                        microbatch=mb, tokens_in_step=inp.numel() * self.accum, group=self.group,
                         recorder=self.recorder if t.routing_stats else None, capacity_factor=cfg.balance.capacity_factor,
                     )  # fmt: skip
                     with self.autocast():
                         out = self.model(inp, ctx)
                     ce = F.cross_entropy(out.logits.float().view(-1, V), tgt.reshape(-1), ignore_index=-100)
-                    ((ce + out.aux_loss) / t.grad_accum).backward()
-                    loss_acc += ce.detach() / t.grad_accum
+                    ((ce + out.aux_loss) / self.accum).backward()
+                    loss_acc += ce.detach() / self.accum
                     for kind, value in out.aux.items():
-                        aux_acc[kind] = aux_acc.get(kind, 0.0) + value / t.grad_accum
+                        aux_acc[kind] = aux_acc.get(kind, 0.0) + value / self.accum
                     self.tokens += inp.numel() * self.world_size
+                self.dp.average_gradients(list(self.model.parameters()))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -334,14 +263,18 @@ class Trainer:
                 w["loss"] = w["loss"] + loss_acc
                 for kind, value in aux_acc.items():
                     w["aux"][kind] = w["aux"].get(kind, 0.0) + value
-                w["tokens"] += inp.numel() * t.grad_accum * self.world_size
+                w["tokens"] += inp.numel() * self.accum * self.world_size
                 w["time"] += time.perf_counter() - t0
                 if log_now:
                     self._log_step(lr, float(grad_norm))
                 if (cfg.eval.every and self.step % cfg.eval.every == 0) or (self.step == t.steps and cfg.eval.at_end):
                     final = self._evaluate()
-                if (self.step % t.checkpoint_every == 0 or self.step == t.steps) and self.rank == 0:
-                    save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), t.keep_checkpoints)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.fold_partial_stats()  # collectives: every rank joins
+                    rng_ranks = self.dp.gather_objects(self._rng_state())
+                    if self.rank == 0:
+                        save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(rng_ranks),
+                                        t.keep_checkpoints)  # fmt: skip
         except BaseException:
             self.progress.close()
             self._write_summary("failed", final)
@@ -368,21 +301,34 @@ class Trainer:
             )
             if cfg.routing.router in ("reference", "domain_guided"):
                 lines.append(f"groups      {describe_groups(self.domains, self.groups)}")
+        if self.world_size > 1:
+            lines.append(
+                f"parallel    {self.world_size} data-parallel ranks on {self.device.type}, {self.accum} of the "
+                f"{cfg.train.grad_accum} micro-batches per step each"
+            )
         lines += [f"warning     {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
 def run_training(cfg: Config, run_dir: Path | None = None, resume: bool = False, log=print) -> tuple[Path, dict]:
-    """Train ``cfg`` into ``run_dir`` (created, or resumed when it holds a checkpoint)."""
+    """Train ``cfg`` into ``run_dir`` (created, or resumed when it holds a checkpoint).
+
+    Under torchrun every rank calls this; rank 0 writes the run directory and logs.
+    """
     if run_dir is None:
         run_dir = Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
     run_dir = Path(run_dir)
-    trainer = Trainer(cfg, run_dir, log=log)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        trainer.resume()
-    else:
-        cfg.save(run_dir / "config.yaml")
-    log(trainer.describe())
-    final = trainer.fit()
+    dp = init_data_parallel(cfg.train.device)
+    try:
+        trainer = Trainer(cfg, run_dir, dp, log=log if dp.is_main else lambda *_: None)
+        if dp.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            trainer.resume()
+        elif dp.is_main:
+            cfg.save(run_dir / "config.yaml")
+        trainer.log(trainer.describe())
+        final = trainer.fit()
+    finally:
+        dp.close()
     return run_dir, final

@@ -1,0 +1,161 @@
+"""Data-parallel training over processes: ``torchrun --nproc_per_node N -m moe_testbed train ...``.
+
+The model stays single-device; data parallelism is applied from outside, here:
+
+- the process group comes from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR``): gloo on CPU, NCCL on CUDA with one GPU per
+  local rank;
+- every rank starts from rank 0's parameters and buffers (broadcast);
+- ``train.grad_accum`` counts the micro-batches of one optimizer step over *all*
+  ranks (nanoGPT's convention), so each of N ranks runs ``grad_accum / N`` and
+  the same config trains on the same global batch at any N. Rank r's j-th
+  micro-batch is batch ``j * N + r`` of the data order, so a step covers the same
+  batches as in one process, and the weights match it up to float rounding;
+- gradients are averaged once per optimizer step, after accumulation, in flat
+  buckets. A hand-rolled reduction instead of ``DistributedDataParallel``: DDP
+  fails when a parameter gets no gradient on some rank unless it searches the
+  graph every step (``find_unused_parameters``), and a router can leave one
+  unused (an expert no token chose, if its code skips it); here a one-byte flag
+  per tensor says which gradients exist on any rank, the others stay None as in
+  one process. Reducing after the last backward gives up DDP's overlap of
+  communication with the backward pass, which is small at this testbed's sizes;
+- routing statistics, losses and evaluation are summed over ranks, so rank 0
+  logs the same numbers as one process would; only rank 0 writes files.
+
+Balancing at global scope already reduces over :class:`TorchDistributedGroup`
+(routing/scope.py), the same interface this module hands to the routers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe_testbed.config import ConfigError
+from moe_testbed.routing.scope import LocalGroup, TorchDistributedGroup
+from moe_testbed.train.setup import resolve_device
+
+# Gradients are reduced in flat buckets of at most this many bytes (DDP's default is 25 MiB).
+BUCKET_BYTES = 25 << 20
+
+
+class DataParallel:
+    """This process's place in a data-parallel run; the identity when alone."""
+
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.device, self.rank, self.world_size, self.local_rank = device, rank, world_size, local_rank
+        self.group = TorchDistributedGroup() if world_size > 1 else LocalGroup()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_accumulation(self, grad_accum: int) -> int:
+        """Micro-batches per optimizer step on this rank."""
+        return local_accumulation(grad_accum, self.world_size)
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean of every rank's accumulated gradient, in place (call once per optimizer step)."""
+        if self.world_size == 1:
+            return
+        params = [p for p in params if p.requires_grad]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        grads = []
+        for p, anywhere in zip(params, has.tolist()):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if anywhere:
+                grads.append(p.grad)
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+
+    def sum(self, tables: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Element-wise sums over ranks of host or device tensors (returned where they were)."""
+        if self.world_size == 1:
+            return tables
+        out = {}
+        for key, t in tables.items():
+            buf = t.detach().to(self.device, copy=True)  # NCCL reduces device tensors only
+            dist.all_reduce(buf)
+            out[key] = buf.to(t.device)
+        return out
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def rank_seed(self, seed: int) -> int:
+        """A seed for this rank's randomness (router noise) once the shared model is built."""
+        return int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0])
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_accumulation(grad_accum: int, world_size: int) -> int:
+    """``train.grad_accum`` counts micro-batches over all ranks: each runs an equal share."""
+    if grad_accum % world_size:
+        raise ConfigError(
+            f"train.grad_accum={grad_accum} counts micro-batches over all {world_size} ranks and must be divisible "
+            f"by them: use train.grad_accum={max(1, grad_accum // world_size) * world_size}"
+        )
+    return grad_accum // world_size
+
+
+def _buckets(grads: list[Tensor], limit: int):
+    bucket, size = [], 0
+    for g in grads:
+        if bucket and (size + g.numel() * g.element_size() > limit or g.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+    if bucket:
+        yield bucket
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_data_parallel(device_name: str) -> DataParallel:
+    """One process: the identity. Under torchrun: join the process group on this rank's device."""
+    device = resolve_device(device_name)
+    world_size = launched_world_size()
+    if world_size == 1:
+        return DataParallel(device)
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with "
+            "torchrun --nproc_per_node N -m moe_testbed train ..., or unset WORLD_SIZE"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DataParallel(device, rank, world_size, local_rank)
