@@ -27,6 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in [
         ("moe_testbed.data", "DataError"),
         ("moe_testbed.analysis.rundir", "ReportError"),
+        ("moe_testbed.analysis.hf", "HFModelError"),
         ("moe_testbed.study", "StudyError"),
     ]:
         with contextlib.suppress(ImportError, AttributeError):

@@ -31,7 +31,66 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "one (nearest snapshot), e.g. --steps 100,200",
     )
     p.set_defaults(func=run_report)
+    register_hf(subparsers)
     return p
+
+
+def register_hf(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``hf MODEL [--data ...] [--out DIR]``: routing metrics of a pretrained Hugging Face MoE."""
+    p = subparsers.add_parser(
+        "hf",
+        help="route the domain mix through a pretrained Hugging Face MoE checkpoint and report its routing",
+        description="Re-tokenize every domain's validation text with the checkpoint's tokenizer, count the experts "
+        "each router chooses per layer and domain, and write a run directory (metrics, routing table, report) "
+        "like a trained run's. Offline: MODEL is a local save_pretrained directory or in the local cache.",
+    )
+    p.add_argument("model", help="checkpoint directory (config.json, weights, tokenizer) or a cached hub id")
+    p.add_argument("--data", default="default", help="mix preset (default, tiny) or a built mix directory")
+    p.add_argument("--domains", default=None, help="comma-separated domains of the mix (default: all)")
+    p.add_argument("--tokens-per-domain", type=int, default=16384, help="validation tokens per domain (default 16384)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/hf-<model name>)")
+    p.add_argument("--no-report", action="store_true", help="write the run directory only")
+    p.set_defaults(func=run_hf)
+    return p
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    from moe_testbed.analysis.hf import load_model, measure, write_run
+    from moe_testbed.config import ConfigError, DataConfig
+    from moe_testbed.data import ensure_mix
+    from moe_testbed.train.setup import resolve_device
+
+    for name in ("tokens_per_domain", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    device = resolve_device(args.device, option="hf --device ")
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    data = Path(args.data).expanduser()
+    mix = ensure_mix(DataConfig(dir=str(data)) if data.is_dir() else DataConfig(preset=args.data))
+    domains = mix.select(args.domains.split(",") if args.domains else None)
+    model, tokenizer = load_model(args.model, device, torch_dtype(use_bf16))
+    settings = {"seq_len": args.seq_len, "tokens_per_domain": args.tokens_per_domain, "dtype": str(model.dtype)}
+    m = measure(model, tokenizer, mix, domains, args.seq_len, args.tokens_per_domain, args.batch_size, device)
+    out = args.out or Path("runs") / f"hf-{Path(args.model.rstrip('/')).name}"
+    write_run(out, args.model, model, mix, domains, m, settings)
+    L, E, _ = m["counts"].shape
+    print(f"{args.model}: {L} MoE layers, top-{m['top_k']} of {E} experts, {int(m['tokens'][0].sum())} tokens "
+          f"over {len(domains)} domains -> {out}")  # fmt: skip
+    if not args.no_report:
+        from moe_testbed.analysis.report import write_report
+
+        print(f"report: {write_report([out], out)}")
+    return 0
+
+
+def torch_dtype(bf16: bool):
+    import torch
+
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -56,4 +115,4 @@ def _parse_steps(text: str) -> list[int]:
     return steps
 
 
-__all__ = ["ReportError", "register", "run_report"]
+__all__ = ["ReportError", "register", "run_hf", "run_report"]

@@ -1,0 +1,229 @@
+"""Routing of a pretrained Hugging Face MoE checkpoint on the domain mix: ``moe-testbed hf MODEL``.
+
+The same tables and metrics as a trained run, for a model someone else trained:
+the validation text of every domain of a mix is re-tokenized with the
+checkpoint's own tokenizer, run through the model, and the experts each router
+chose are counted per layer and domain into a run directory (``config.yaml``,
+``metrics.jsonl``, ``routing/step_000000.npz``, ``summary.json``) that
+``moe-testbed report`` reads like any other.
+
+Which modules are routers is the model's own declaration: transformers' MoE
+models name their router class in ``_can_record_outputs["router_logits"]``
+(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GraniteMoE, gpt-oss, DBRX, Jamba,
+...). A forward hook on every instance records the expert indices the router
+returns (its actual choice, bias corrections and group limits included); a
+router that returns only logits is read as top-k of its logits with the
+config's ``num_experts_per_tok``. Nothing is downloaded: the checkpoint must be
+a local directory (or already in the local Hugging Face cache).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from moe_testbed.analysis.metrics import reference_counts, routing_scalars
+from moe_testbed.data import DomainMix
+from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
+from moe_testbed.routing.groups import reference_groups
+
+
+class HFModelError(Exception):
+    """A checkpoint that cannot be loaded or has no routers (a user error, exit code 2)."""
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype):
+    """Model and tokenizer from a local directory or the local cache, never the network."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise HFModelError("moe-testbed hf needs transformers: pip install 'moe-testbed[hf]'") from None
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HFModelError(
+            f"cannot load {name!r} offline ({first}): pass a directory written by save_pretrained "
+            "(config.json, weights, tokenizer files)"
+        ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def find_routers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The model's router modules, in execution (layer) order, with their module paths."""
+    recorder = getattr(model, "_can_record_outputs", None) or {}
+    spec = recorder.get("router_logits")
+    target = getattr(spec, "target_class", None)
+    if target is None:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise HFModelError(
+            f"{model_type} declares no router outputs (_can_record_outputs['router_logits']): it is not an MoE "
+            "model transformers can report routing for; pass an MoE checkpoint such as Mixtral, Qwen-MoE or OLMoE"
+        )
+    # Older declarations name a generic class (nn.Linear) and the submodule path ("mlp.gate").
+    where = getattr(spec, "layer_name", None)
+    routers = [(n, m) for n, m in model.named_modules() if isinstance(m, target) and (not where or where in n)]
+    if not routers:
+        raise HFModelError(f"{type(model).__name__} has no {target.__name__} module: nothing to count")
+    return routers
+
+
+def top_k_of(config) -> int:
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    ffn = getattr(config, "ffn_config", None)  # DBRX keeps it one level down
+    value = getattr(ffn, "moe_top_k", None)
+    if isinstance(value, int):
+        return value
+    raise HFModelError(f"{type(config).__name__} names no experts-per-token setting (num_experts_per_tok)")
+
+
+class ChoiceRecorder:
+    """Forward hooks that keep each router's chosen experts, [tokens, k] per layer, for one forward."""
+
+    def __init__(self, routers: list[tuple[str, torch.nn.Module]], top_k: int):
+        self.top_k, self.choices = top_k, [None] * len(routers)
+        self.n_experts: int | None = None
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(routers)]
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            logits = outs[0]
+            self.n_experts = logits.shape[-1]
+            idx = next((o for o in outs[1:] if torch.is_tensor(o) and not o.is_floating_point()), None)
+            if idx is None:  # only logits: top-k of logits = top-k of softmax probabilities
+                idx = logits.topk(self.top_k, dim=-1).indices
+            self.choices[layer] = idx.reshape(-1, idx.shape[-1]).detach()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def domain_windows(mix: DomainMix, domain: str, tokenizer, seq_len: int, tokens_per_domain: int) -> list[list[int]]:
+    """The domain's validation documents in the checkpoint's tokenization, cut into windows."""
+    tokens = mix.array("val", "tokens")
+    a, b = mix.domain_range("val", domain)
+    ids = np.asarray(tokens[a:b])
+    bounds = np.flatnonzero(ids == mix.eos_id)
+    stream: list[int] = []
+    start = 0
+    eos = tokenizer.eos_token_id
+    for end in [*bounds.tolist(), len(ids)]:
+        if len(stream) >= tokens_per_domain:
+            break
+        if end > start:
+            stream += tokenizer(mix.decode(ids[start:end]), add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                stream.append(eos)
+        start = end + 1
+    stream = stream[:tokens_per_domain]
+    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+@torch.no_grad()
+def measure(model, tokenizer, mix: DomainMix, domains: list[str], seq_len: int, tokens_per_domain: int,
+            batch_size: int, device: torch.device) -> dict:  # fmt: skip
+    """Counts [L, E, D], tokens [L, D], loss sums [D] and predicted-token counts [D] on the mix."""
+    routers = find_routers(model)
+    top_k = top_k_of(model.config)
+    rec = ChoiceRecorder(routers, top_k)
+    bos = tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    L, D = len(routers), len(domains)
+    counts: np.ndarray | None = None
+    tokens = np.zeros((L, D), dtype=np.int64)
+    loss_sum, loss_n = np.zeros(D), np.zeros(D, dtype=np.int64)
+    try:
+        for d, name in enumerate(domains):
+            windows = domain_windows(mix, name, tokenizer, seq_len, tokens_per_domain)
+            for i in range(0, len(windows), batch_size):
+                rows = [([bos] if bos is not None else []) + w for w in windows[i : i + batch_size]]
+                width = max(map(len, rows))
+                inp = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(inp)
+                for r, row in enumerate(rows):
+                    inp[r, : len(row)] = torch.tensor(row)
+                    mask[r, : len(row)] = 1
+                counted = mask.clone()
+                if bos is not None:
+                    counted[:, 0] = 0  # the BOS every window starts with is not domain text
+                out = model(input_ids=inp.to(device), attention_mask=mask.to(device))
+                target = torch.where(counted[:, 1:].bool(), inp[:, 1:], -100).to(device)
+                ce = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum")
+                loss_sum[d] += float(ce)
+                loss_n[d] += int((target != -100).sum())
+                keep = counted.flatten().bool().to(device)
+                for layer, idx in enumerate(rec.choices):
+                    if idx is None or idx.shape[0] != keep.shape[0]:
+                        raise HFModelError(f"router {routers[layer][0]} did not route this batch's tokens")
+                    if counts is None:
+                        counts = np.zeros((L, rec.n_experts, D), dtype=np.int64)
+                    chosen = idx[keep].flatten().cpu().numpy()
+                    counts[layer, :, d] += np.bincount(chosen, minlength=rec.n_experts)
+                    tokens[layer, d] += int(keep.sum())
+                rec.choices = [None] * L
+    finally:
+        rec.close()
+    if counts is None:
+        raise HFModelError("no validation text to route: the mix has no validation tokens for these domains")
+    return {"counts": counts, "tokens": tokens, "loss_sum": loss_sum, "loss_n": loss_n, "top_k": top_k,
+            "layers": [name for name, _ in routers]}  # fmt: skip
+
+
+def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[str], m: dict, settings: dict) -> Path:
+    """A run directory that `moe-testbed report` reads: config, one eval record, one routing snapshot."""
+    out.mkdir(parents=True, exist_ok=True)
+    counts, tokens, k = m["counts"], m["tokens"], m["top_k"]
+    L, E, D = counts.shape
+    groups = reference_groups(domains, E, k)
+    ref = np.stack([reference_counts(tokens[layer] * k, groups, E) for layer in range(L)])
+    record: dict = {"kind": "eval", "step": 0, "tokens": int(tokens[0].sum())}
+    present = m["loss_n"] > 0
+    record["val/loss"] = float(m["loss_sum"][present].sum() / m["loss_n"][present].sum())
+    record["val/loss_balanced"] = float((m["loss_sum"][present] / m["loss_n"][present]).mean())
+    for d, name in enumerate(domains):
+        if present[d]:
+            record[f"val/loss/{name}"] = float(m["loss_sum"][d] / m["loss_n"][d])
+    record.update(routing_scalars(counts, m["layers"], tokens_LD=tokens, ref_counts_LED=ref, prefix="val/"))
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    config = {
+        "hf": {"model": model_name, "model_type": model_type, **settings},
+        "data": {"dir": str(mix.path), "domains": domains, "seq_len": settings["seq_len"]},
+        "model": {"n_experts": E, "n_moe_layers": L},
+        "routing": {"router": f"pretrained:{model_type}", "top_k": k},
+        "balance": {"method": "pretrained"},
+        "run": {"name": out.name},
+    }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out / "metrics.jsonl", json.dumps(record) + "\n")
+    snapshot = {"counts": counts, "tokens": tokens, "ref_counts": ref, "drops": np.zeros((L, D), dtype=np.int64),
+                "layers": np.array(m["layers"]), "domains": np.array(domains), "step": np.array(0),
+                "top_k": np.array(k)}  # fmt: skip
+    (out / "routing").mkdir(exist_ok=True)
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **snapshot)
+
+    atomic_write(out / "routing" / "step_000000.npz", save)
+    params = sum(p.numel() for p in model.parameters())
+    atomic_write_json(out / "summary.json", {"status": "complete", "params_total": params, "tokens": record["tokens"],
+                                             "steps": 0, "final": record, "moe_layers": m["layers"],
+                                             "written": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
+    return out

@@ -1,0 +1,120 @@
+"""analysis/hf.py: routing tables of pretrained Hugging Face MoE checkpoints, offline."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moe_testbed.analysis.hf import HFModelError, domain_windows, find_routers, load_model, measure, write_run
+from moe_testbed.analysis.metrics import routing_scalars
+from moe_testbed.analysis.rundir import load_run
+from moe_testbed.data import DomainMix
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=256)  # fmt: skip
+
+
+def tokenizer_of(mix: DomainMix):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(mix.path / "tokenizer.json"), eos_token="<|endoftext|>")
+
+
+def save_tiny(kind: str, mix: DomainMix, out):
+    """A random tiny checkpoint of a transformers architecture, with the mix's tokenizer."""
+    import transformers as tf
+
+    tok = tokenizer_of(mix)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        cfg = tf.MixtralConfig(vocab_size=len(tok), intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                               **TINY)  # fmt: skip
+        model = tf.MixtralForCausalLM(cfg)
+    elif kind == "olmoe":
+        cfg = tf.OlmoeConfig(vocab_size=len(tok), intermediate_size=32, num_experts=8, num_experts_per_tok=3, **TINY)
+        model = tf.OlmoeForCausalLM(cfg)
+    else:  # a dense model: no routers
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), intermediate_size=64, **TINY))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mix(tiny_data_dir):
+    return DomainMix(tiny_data_dir)
+
+
+def test_windows_carry_the_domain_text_in_the_checkpoint_tokenization(mix):
+    tok = tokenizer_of(mix)  # the mix's own tokenizer: re-tokenizing must give back the same ids
+    name = mix.domains[0]
+    windows = domain_windows(mix, name, tok, seq_len=50, tokens_per_domain=300)
+    assert [len(w) for w in windows] == [50] * 6
+    a, _ = mix.domain_range("val", name)
+    original = np.asarray(mix.array("val", "tokens")[a : a + 300]).tolist()
+    assert sum(windows, []) == original
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
+def test_counts_are_the_routers_choices(kind, mix, tmp_path):
+    model, tok = load_model(str(save_tiny(kind, mix, tmp_path / kind)), torch.device("cpu"), torch.float32)
+    domains = mix.domains[:3]
+    m = measure(model, tok, mix, domains, seq_len=64, tokens_per_domain=128, batch_size=2, device=torch.device("cpu"))
+    k, L = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    assert m["top_k"] == k and len(m["layers"]) == L
+    assert (m["counts"].sum(1) == m["tokens"] * k).all()  # every counted token has k slots
+    assert (m["tokens"] == 128).all()  # the BOS-less tokenizer: exactly the requested tokens
+    # Independent recount from transformers' own router_logits output (softmax top-k).
+    expected = np.zeros_like(m["counts"])
+    for d, name in enumerate(domains):
+        for w in domain_windows(mix, name, tok, 64, 128):
+            out = model(input_ids=torch.tensor([w]), output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                idx = logits.softmax(-1).topk(k, dim=-1).indices
+                expected[layer, :, d] += np.bincount(idx.flatten().numpy(), minlength=expected.shape[1])
+    np.testing.assert_array_equal(m["counts"], expected)
+    assert ((m["loss_sum"] / m["loss_n"]) > 0).all()
+
+
+def test_run_directory_reads_like_a_trained_run(mix, tmp_path):
+    model, tok = load_model(str(save_tiny("mixtral", mix, tmp_path / "m")), torch.device("cpu"), torch.float32)
+    m = measure(model, tok, mix, mix.domains, 64, 128, 4, torch.device("cpu"))
+    out = write_run(tmp_path / "run", "m", model, mix, mix.domains, m, {"seq_len": 64, "tokens_per_domain": 128})
+    run = load_run(out)
+    assert run.status == "complete" and run.domains == mix.domains
+    assert run.config_value("routing.top_k") == 2 and run.config_value("model.n_experts") == 4
+    final = run.final
+    expected = routing_scalars(m["counts"], m["layers"], prefix="val/")
+    for key in ("val/util/mean", "val/purity/mean", "val/nmi/mean"):
+        assert final[key] == pytest.approx(expected[key])
+    assert 0 < final["val/specialization/mean"] <= 1
+
+
+def test_cli_end_to_end_and_user_errors(mix, tmp_path, cli_env, capsys):
+    from moe_testbed.cli import main
+
+    ckpt = save_tiny("mixtral", mix, tmp_path / "moe")
+    cmd = [sys.executable, "-m", "moe_testbed", "hf", str(ckpt), "--data", str(mix.path), "--tokens-per-domain",
+           "128", "--seq-len", "64", "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 MoE layers, top-2 of 4 experts" in proc.stdout
+    assert (tmp_path / "run" / "report.html").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["moe_layers"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+    dense = save_tiny("llama", mix, tmp_path / "dense")
+    for model, message in [(dense, "declares no router outputs"), (tmp_path / "nothing", "cannot load")]:
+        capsys.readouterr()
+        assert main(["hf", str(model), *cmd[5:]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_find_routers_refuses_a_dense_model(mix, tmp_path):
+    model, _ = load_model(str(save_tiny("llama", mix, tmp_path / "d")), torch.device("cpu"), torch.float32)
+    with pytest.raises(HFModelError, match="not an MoE model"):
+        find_routers(model)
