@@ -36,6 +36,16 @@ def save_tiny(kind: str, mix: DomainMix, out):
     elif kind == "olmoe":
         cfg = tf.OlmoeConfig(vocab_size=len(tok), intermediate_size=32, num_experts=8, num_experts_per_tok=3, **TINY)
         model = tf.OlmoeForCausalLM(cfg)
+    elif kind == "deepseek_v3":  # sigmoid scores, group-limited, with a selection bias
+        cfg = tf.DeepseekV3Config(vocab_size=len(tok), intermediate_size=64, moe_intermediate_size=32,
+                                  first_k_dense_replace=0, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                  topk_group=1, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                  **{**TINY, "num_key_value_heads": 2})  # fmt: skip
+        model = tf.DeepseekV3ForCausalLM(cfg)
+        for module in model.modules():  # a bias that overrides the scores: every token picks experts 6 and 7
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.copy_(torch.tensor([0.0] * 6 + [5.0, 5.0]))
     else:  # a dense model: no routers
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), intermediate_size=64, **TINY))
     model.save_pretrained(out)
@@ -77,6 +87,14 @@ def test_counts_are_the_routers_choices(kind, mix, tmp_path):
                 expected[layer, :, d] += np.bincount(idx.flatten().numpy(), minlength=expected.shape[1])
     np.testing.assert_array_equal(m["counts"], expected)
     assert ((m["loss_sum"] / m["loss_n"]) > 0).all()
+
+
+def test_counts_follow_the_routers_actual_choice_not_its_logits(mix, tmp_path):
+    model, tok = load_model(str(save_tiny("deepseek_v3", mix, tmp_path / "ds")), torch.device("cpu"), torch.float32)
+    m = measure(model, tok, mix, mix.domains[:2], 32, 64, 2, torch.device("cpu"))
+    chosen = m["counts"].sum(2)  # [L, E]
+    assert (chosen[:, 6] == m["tokens"].sum(1)).all() and (chosen[:, 7] == m["tokens"].sum(1)).all()
+    assert chosen[:, :6].sum() == 0  # top-k of the logits alone would have spread the tokens
 
 
 def test_run_directory_reads_like_a_trained_run(mix, tmp_path):
