@@ -184,3 +184,32 @@ def test_ba_repair_is_exact_on_a_larger_problem():
     assert res.rounds > 0  # the repair did some work
     check_feasible(idx, cap)
     assert a.gather(1, idx).sum().item() == pytest.approx(lp_optimum(a.double().numpy(), 2, cap.numpy()), abs=1e-4)
+
+
+# A real repair input from a quick-model run (top-4 of 24, BA at sequence scope, step 42):
+# float rounding made a zero-cost cycle look negative, the split table referred back to
+# itself and tracing a path grew a list without end (the run was killed for 23 GB).
+ROUNDING_CASE = """
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a runaway fails fast, not the machine
+from moe_testbed.routing.repair import _trace, shortest_path_repair
+assert _trace([[-1, 1], [-1, -1]], 0, 1, 2) is None  # via[0][1] = 1: splits into itself
+assert _trace([[-1, 2, 1], [-1, -1, -1], [-1, -1, -1]], 0, 1, 3) is None  # 0->1 via 2, 0->2 via 1
+a, held, cap, max_augment = torch.load(sys.argv[1])
+out, n_aug = shortest_path_repair(a, held, cap, max_augment)
+print(n_aug, bool((out.sum(1) == cap).all()), bool((out.sum(2) == held.sum(2)).all()))
+"""
+
+
+def test_ba_repair_survives_float_rounding_cycles():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    case = Path(__file__).parent / "data" / "ba_rounding_cycle.pt"
+    proc = subprocess.run([sys.executable, "-c", ROUNDING_CASE, str(case)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_aug, exact, k_each = proc.stdout.split()
+    assert exact == "True" and k_each == "True"  # every expert at capacity, every token keeps k experts
+    assert 0 < int(n_aug) < 50

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+TIE_TOL = 1e-6  # relative to the largest |score| of the unit; float32 rounding is ~6e-8 per operation
+
 
 @torch.no_grad()
 def shortest_path_repair(a_UTE: Tensor, held_UTE: Tensor, cap_UE: Tensor, max_augment: int) -> tuple[Tensor, int]:
@@ -38,6 +40,10 @@ def shortest_path_repair(a_UTE: Tensor, held_UTE: Tensor, cap_UE: Tensor, max_au
     U, T, E = a_UTE.shape
     dev = a_UTE.device
     held = held_UTE.clone()
+    # Improvements below float32 rounding of the scores are not improvements: taken, they make
+    # zero-cost cycles look negative, and the split table then refers back to itself. Ignoring
+    # them keeps every path within n_hops * tol of the shortest.
+    tol_U11 = TIE_TOL * a_UTE.detach().abs().amax(dim=(1, 2)).clamp_min(1.0)[:, None, None]
     n_hops = max(1, (E - 1).bit_length())  # min-plus squarings: paths of up to 2^n_hops >= E - 1 edges
     for n_aug in range(max_augment):
         load_UE = held.sum(1)
@@ -51,7 +57,7 @@ def shortest_path_repair(a_UTE: Tensor, held_UTE: Tensor, cap_UE: Tensor, max_au
         via_UEE = torch.full((U, E, E), -1, dtype=torch.long, device=dev)
         for _ in range(n_hops):
             best, k = (dist_UEE[:, :, :, None] + dist_UEE[:, None, :, :]).min(dim=2)
-            better = best < dist_UEE
+            better = best < dist_UEE - tol_U11
             dist_UEE = torch.where(better, best, dist_UEE)
             via_UEE = torch.where(better, k, via_UEE)
         pair_UEE = dist_UEE.masked_fill(~(surplus_UE[:, :, None] & deficit_UE[:, None, :]), torch.inf)
@@ -94,14 +100,22 @@ def edge_costs(a_UTE: Tensor, held_UTE: Tensor, max_load: int) -> tuple[Tensor, 
 
 
 def _trace(via: list[list[int]], i: int, j: int, E: int) -> list[tuple[int, int]] | None:
-    """The edges of the shortest path i -> j from the split table; None if it does not unfold simply."""
-    edges, stack = [], [(i, j)]
+    """The edges of the shortest path i -> j from the split table; None if it does not unfold simply.
+
+    A negative cycle (float rounding, or a start that is not quite optimal) makes the table
+    refer back to itself (``via[a][b] == b`` after a negative diagonal, or two splits that name
+    each other); unfolding it would never end, so every split is counted and bounded.
+    """
+    edges, stack, splits = [], [(i, j)], 0
     while stack:
         a, b = stack.pop()
         k = via[a][b]
         if k < 0:
             edges.append((a, b))
+        elif k in (a, b) or splits >= E:  # a simple path has at most E - 2 splits
+            return None
         else:
+            splits += 1
             stack += [(k, b), (a, k)]  # unfold a -> k first
         if len(edges) > E:
             return None
