@@ -125,7 +125,10 @@ def test_cli_end_to_end_and_user_errors(mix, tmp_path, cli_env, capsys):
     assert summary["moe_layers"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
     dense = save_tiny("llama", mix, tmp_path / "dense")
-    for model, message in [(dense, "declares no router outputs"), (tmp_path / "nothing", "cannot load")]:
+    (tmp_path / "empty").mkdir()
+    cases = [(dense, "declares no router outputs"), (tmp_path / "nothing", "no such directory"),
+             (tmp_path / "empty", "cannot load")]  # fmt: skip
+    for model, message in cases:
         capsys.readouterr()
         assert main(["hf", str(model), *cmd[5:]]) == 2
         err = capsys.readouterr().err

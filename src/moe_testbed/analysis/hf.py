@@ -20,6 +20,7 @@ a local directory (or already in the local Hugging Face cache).
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -45,11 +46,15 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise HFModelError("moe-testbed hf needs transformers: pip install 'moe-testbed[hf]'") from None
-
+    path = Path(name).expanduser()
+    if not path.is_dir() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", name):
+        raise HFModelError(f"{name}: no such directory; pass a save_pretrained directory or a hub id (org/name) "
+                           "already in the local cache")  # fmt: skip
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else name, local_files_only=True,
+                                                     dtype=dtype)  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HFModelError(
