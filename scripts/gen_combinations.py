@@ -14,22 +14,29 @@ import sys
 from pathlib import Path
 
 from moe_testbed.config import Config
+from moe_testbed.routing.names import SCOPES
 from moe_testbed.routing.registry import BALANCERS, ROUTERS, combination_problem, load_all
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "combinations.md"
-SCOPES = ("sequence", "microbatch", "global")
 
 
 def router_variants() -> list[tuple[str, dict]]:
+    """One row per router, or one per variant a router declares (``Router.variants``)."""
     load_all()
     rows = []
     for name in sorted(ROUTERS):
-        if name == "reference":
-            rows += [("reference (inner=uniform)", {"routing.router": name, "routing.inner": "uniform"})]
-            rows += [("reference (inner=learned)", {"routing.router": name, "routing.inner": "learned"})]
-        else:
-            rows.append((name, {"routing.router": name}))
+        variants = ROUTERS[name].variants or (("", {}),)
+        for label, extra in variants:
+            rows.append((f"{name} ({label})" if label else name, {"routing.router": name, **extra}))
     return rows
+
+
+def summary(cls) -> str:
+    """The first line of a class's docstring (or its module's)."""
+    import sys
+
+    doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def problem(overrides: dict) -> str | None:
@@ -93,21 +100,22 @@ def render() -> str:
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", "## Reasons", ""]
     lines += [f"{i}. {text}" for i, text in enumerate(notes.texts, 1)]
+    lines += ["", "## The routers and methods", ""]
+    lines += [f"- router `{name}`: {summary(ROUTERS[name])}" for name in sorted(ROUTERS)]
+    lines += [f"- method `{name}`: {summary(BALANCERS[name])}" for name in methods]
+    not_causal = [f"`{n}`" for n in sorted(ROUTERS) if not ROUTERS[n].causal]
     lines += [
         "",
         "## Notes",
         "",
-        "- Scope applies to every method as in `routing/scope.py`: LBL's f is counted per sequence, per",
-        "  micro-batch, or over the whole optimizer step (all micro-batches and ranks); EB's bias update",
-        "  averages per-unit load signs (sequence, micro-batch) or uses the step's total load (global); SH",
-        "  and BA solve per sequence, per micro-batch, or over every rank's current micro-batch.",
-        "  Expert choice uses the scope as the unit its experts choose tokens from.",
+        "- Scope applies to every method (docs/routing.md#scope): it fixes the tokens whose statistics",
+        "  drive the balancing (each sequence, each micro-batch, or the whole optimizer step).",
         "- Capacity (`balance.capacity_factor`) works with every token-choice router; expert choice sets",
         "  its own capacity (`routing.seq_capacity`) and rejects a capacity factor. With BA every expert",
         "  already receives exactly T*k/E slots per unit, so a factor >= 1 drops nothing.",
         "- z-loss combines with every method; it needs trained router logits.",
-        "- `expert_choice` is not causal (a token's experts depend on later tokens): the trainer warns and",
-        "  records this in the run summary.",
+        f"- Not causal (a token's experts depend on later tokens): {', '.join(not_causal) or 'none'}; the",
+        "  trainer warns and records this in the run summary.",
         "",
     ]
     return "\n".join(lines)

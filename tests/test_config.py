@@ -32,6 +32,13 @@ def test_dotted_overrides_apply_with_types():
         ("model.d_model=100", "multiple of model.n_heads"),
         ("balance.capacity_factor=0", "must be > 0"),
         ("train.steps=0", "train.steps=0 must be >= 1"),
+        ("data.packing=shuffled", "data.packing='shuffled' is not allowed: choose one of domain, mixed"),
+        ("balance.eb_rate=0", "balance.eb_rate=0.0 must be > 0"),  # a method's own knob (eb.py)
+        ("balance.sinkhorn_iters=0", "balance.sinkhorn_iters=0 must be >= 1"),
+        ("routing.noise_std=-1", "routing.noise_std=-1.0 must be >= 0"),  # a router's own knob
+        ("routing.inner=random", "routing.inner='random' is not allowed: choose one of uniform, learned"),
+        ("balance.sinkhorn=3", "unknown key balance.sinkhorn: allowed keys are balance.method,"),
+        ("parallel.expert_parallel=2", "parallel.expert_parallel=2 is not implemented yet"),
     ],
 )
 def test_bad_config_fails_with_one_line(override, needle):
@@ -59,3 +66,19 @@ def test_override_syntax_errors():
         load_config(None, ["routing.top_k"])
     with pytest.raises(ConfigError, match="must name a section"):
         load_config(None, ["steps=3"])
+
+
+def test_knobs_are_declared_by_their_components_and_read_like_fields():
+    from moe_testbed.config import section_knobs
+
+    routing, balance = section_knobs("routing"), section_knobs("balance")
+    assert {"noise_std", "freeze_after", "inner", "seq_capacity", "renormalize", "n_groups"} <= set(routing)
+    assert {"coeff", "eb_rate", "sinkhorn_iters", "ba_iters"} <= set(balance)
+    for knobs in (routing, balance):  # every default passes its own check
+        assert all(k.check is None or k.check(k.default) is None for k in knobs.values())
+    cfg = load_config(None, ["balance.eb_rate=0.01"])
+    assert cfg.balance.eb_rate == 0.01 and cfg.balance.sinkhorn_iters == 20  # set, and the default
+    assert cfg.to_dict()["balance"]["sinkhorn_iters"] == 20  # config.yaml lists every knob
+    with pytest.raises(AttributeError, match="no key 'eb_rat'"):
+        _ = cfg.balance.eb_rat
+    assert load_config(None, ["balance.eb_rate=0.001"]) == load_config(None)  # equal to the default

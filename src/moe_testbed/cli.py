@@ -1,42 +1,28 @@
 """The ``moe-testbed`` command line.
 
-User errors (bad config, missing data, corrupted checkpoint) print one line
-``error: ...`` and exit with code 2; no traceback.
+User errors (bad config, missing data, corrupted checkpoint: every
+:class:`moe_testbed.errors.UserError`) print one line ``error: ...`` and exit
+with code 2; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from moe_testbed import __version__
+from moe_testbed.errors import UserError
 
 # Nothing in the product may reach the network at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from moe_testbed.config import ConfigError
-    from moe_testbed.train.checkpoint import CheckpointError
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError]
-    for module, name in [
-        ("moe_testbed.data", "DataError"),
-        ("moe_testbed.analysis.rundir", "ReportError"),
-        ("moe_testbed.analysis.hf", "HFModelError"),
-        ("moe_testbed.study", "StudyError"),
-    ]:
-        with contextlib.suppress(ImportError, AttributeError):
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-    return tuple(errors)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from moe_testbed.config import Config, ConfigError, load_config
+    from moe_testbed.config import Config, load_config
+    from moe_testbed.errors import ConfigError
     from moe_testbed.train.trainer import run_training
 
     if args.resume:
@@ -95,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    user_errors = _user_errors()  # resolved up front: an import inside `except` would mask the error
     try:
         return int(args.func(args) or 0)
-    except user_errors as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moe_testbed.analysis.hf import HFModelError, domain_windows, find_routers, load_model, measure, write_run
-from moe_testbed.analysis.metrics import routing_scalars
 from moe_testbed.analysis.rundir import load_run
 from moe_testbed.data import DomainMix
+from moe_testbed.routing.metrics import routing_scalars
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             max_position_embeddings=256)  # fmt: skip

@@ -26,8 +26,8 @@ def test_load_fake_run(tmp_path):
     assert run.domains == ["python", "english", "html", "german"]
     assert run.tokens == 200 * 2048
     snap = run.snapshots[-1]
-    assert snap.counts.shape == (2, 4, 4) and snap.top_k == 2
-    assert snap.ref_counts.shape == (2, 4, 4) and snap.train_counts.dtype == np.int64
+    assert snap.tables.counts.shape == (2, 4, 4) and snap.top_k == 2
+    assert snap.tables.ref_counts.shape == (2, 4, 4) and snap.train_counts.dtype == np.int64
     # The snapshot reproduces the scalars the eval line logged (same code path).
     for key, value in snap.scalars(prefix="val/").items():
         assert run.final[key] == pytest.approx(value, nan_ok=True), key

@@ -13,6 +13,7 @@ from moe_testbed.config import DataConfig
 from moe_testbed.data import DataError, DomainMix, ensure_mix
 from moe_testbed.data.cli import count, register
 from moe_testbed.data.info import print_info
+from moe_testbed.data.loader import TrainLoader
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,8 +75,9 @@ def test_ensure_mix_with_a_directory(small_mix, tmp_path):
         ensure_mix(DataConfig(dir=str(small_mix), domains=["klingon"]))
     with pytest.raises(DataError, match="weights"):
         ensure_mix(DataConfig(dir=str(small_mix), weights="alpha=x"))
+    # An unknown packing is the config's error (tests/test_config.py) and, for direct users, the loader's.
     with pytest.raises(DataError, match="packing"):
-        ensure_mix(DataConfig(dir=str(small_mix), packing="shuffled"))
+        TrainLoader(mix, 8, 2, seed=0, packing="shuffled")
 
 
 def test_ensure_mix_of_an_unbuilt_preset_without_auto_build(data_root):
@@ -97,7 +99,7 @@ def test_tiny_preset_builds_from_this_machine(tiny_mix, monkeypatch):
     train = {tuple(x) for x in json.loads((tiny_mix / "train.docs.json").read_text())}
     val = {tuple(x) for x in json.loads((tiny_mix / "val.docs.json").read_text())}
     assert not train & val
-    x, y, d = mix.train_loader(128, 4, seed=0).next_batch()
+    x, y, d = TrainLoader(mix, 128, 4, seed=0).next_batch()
     assert x.shape == (4, 128) and int(x.max()) < mix.vocab_size
     buf = io.StringIO()
     print_info(mix, samples=True, out=buf)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moe_testbed.data.errors import DataError
-from moe_testbed.data.loader import parse_weights
+from moe_testbed.data.loader import TrainLoader, val_batches
 from moe_testbed.data.mix import DomainMix
+from moe_testbed.data.sampling import parse_weights
 
 S, B = 32, 6
 
@@ -26,7 +27,7 @@ def _contains(stream: np.ndarray, window: np.ndarray) -> bool:
 
 
 def test_batch_shapes_and_shifted_targets(mix):
-    x, y, d = mix.train_loader(S, B, seed=0).next_batch()
+    x, y, d = TrainLoader(mix, S, B, seed=0).next_batch()
     for t in (x, y, d):
         assert t.shape == (B, S) and t.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -34,7 +35,7 @@ def test_batch_shapes_and_shifted_targets(mix):
 
 def test_domain_packing_rows_come_from_their_labelled_domain(mix):
     tokens = np.asarray(mix.array("train", "tokens"), dtype=np.int64)
-    loader = mix.train_loader(S, B, seed=1)
+    loader = TrainLoader(mix, S, B, seed=1)
     for _ in range(3):
         x, y, d = loader.next_batch()
         for row in range(B):
@@ -48,7 +49,7 @@ def test_domain_packing_rows_come_from_their_labelled_domain(mix):
 def test_mixed_packing_labels_follow_documents(mix):
     tokens = np.asarray(mix.array("train", "tokens"), dtype=np.int64)
     doms = np.asarray(mix.array("train", "domains"), dtype=np.int64)
-    loader = mix.train_loader(64, 8, seed=2, packing="mixed")
+    loader = TrainLoader(mix, 64, 8, seed=2, packing="mixed")
     changes = 0
     for _ in range(5):
         x, y, d = loader.next_batch()
@@ -69,28 +70,28 @@ def test_mixed_packing_labels_follow_documents(mix):
 
 
 def test_loader_is_a_pure_function_of_seed_index_and_rank(mix):
-    a = mix.train_loader(S, B, seed=7)
+    a = TrainLoader(mix, S, B, seed=7)
     first = [a.next_batch() for _ in range(4)]
-    b = mix.train_loader(S, B, seed=7)
+    b = TrainLoader(mix, S, B, seed=7)
     b.next_batch()
     state = json.loads(json.dumps(b.state_dict()))  # JSON-serialisable
-    c = mix.train_loader(S, B, seed=7)
+    c = TrainLoader(mix, S, B, seed=7)
     c.load_state_dict(state)
     for want in first[1:]:
         got = c.next_batch()
         assert all(torch.equal(u, v) for u, v in zip(got, want))
-    other_seed = mix.train_loader(S, B, seed=8).next_batch()
+    other_seed = TrainLoader(mix, S, B, seed=8).next_batch()
     assert not torch.equal(other_seed[0], first[0][0])
 
 
 def test_ranks_get_different_batches(mix):
-    r0 = mix.train_loader(S, B, seed=0, rank=0, world_size=2).next_batch()[0]
-    r1 = mix.train_loader(S, B, seed=0, rank=1, world_size=2).next_batch()[0]
-    single = mix.train_loader(S, B, seed=0).next_batch()[0]
+    r0 = TrainLoader(mix, S, B, seed=0, rank=0, world_size=2).next_batch()[0]
+    r1 = TrainLoader(mix, S, B, seed=0, rank=1, world_size=2).next_batch()[0]
+    single = TrainLoader(mix, S, B, seed=0).next_batch()[0]
     assert not torch.equal(r0, r1)
     assert torch.equal(r0, single)  # rank 0 of 2 takes global batches 0, 2, 4, ...
     with pytest.raises(DataError):
-        mix.train_loader(S, B, seed=0, rank=2, world_size=2)
+        TrainLoader(mix, S, B, seed=0, rank=2, world_size=2)
 
 
 def _domain_counts(loader, n=40):
@@ -101,11 +102,11 @@ def _domain_counts(loader, n=40):
 
 
 def test_balanced_zipf_and_named_weights(mix):
-    balanced = _domain_counts(mix.train_loader(4, 16, seed=0))
+    balanced = _domain_counts(TrainLoader(mix, 4, 16, seed=0))
     assert balanced.min() > 0.25 * balanced.sum()
-    zipf = _domain_counts(mix.train_loader(4, 16, seed=0, weights="zipf:2"))
+    zipf = _domain_counts(TrainLoader(mix, 4, 16, seed=0, weights="zipf:2"))
     assert zipf[0] > zipf[1] > zipf[2]
-    named = _domain_counts(mix.train_loader(4, 16, seed=0, weights="alpha=0,cyr=3"))
+    named = _domain_counts(TrainLoader(mix, 4, 16, seed=0, weights="alpha=0,cyr=3"))
     assert named[0] == 0 and named[2] > 2 * named[1]
     np.testing.assert_allclose(parse_weights("zipf", ["a", "b"]), [2 / 3, 1 / 3])
     for bad in ("zipf:x", "klingon=1", "alpha=-1", "alpha=0,digits=0,cyr=0", "nonsense"):
@@ -114,21 +115,21 @@ def test_balanced_zipf_and_named_weights(mix):
 
 
 def test_domain_subset_keeps_global_ids(mix):
-    loader = mix.train_loader(S, B, seed=0, domains=["cyr"])
+    loader = TrainLoader(mix, S, B, seed=0, domains=["cyr"])
     assert set(loader.next_batch()[2].unique().tolist()) == {mix.domain_id("cyr")} == {2}
     with pytest.raises(DataError, match="not a domain"):
-        mix.train_loader(S, B, seed=0, domains=["klingon"])
+        TrainLoader(mix, S, B, seed=0, domains=["klingon"])
 
 
 def test_val_batches_cover_each_domain_with_padding(mix):
-    batches = mix.val_batches(seq_len=50, batch_size=4, tokens_per_domain=230)
+    batches = val_batches(mix, seq_len=50, batch_size=4, tokens_per_domain=230)
     names = [b[0] for b in batches]
     assert names == ["alpha", "alpha", "digits", "digits", "cyr", "cyr"]  # 5 windows: 4 + 1 rows
     name, x, y, d = batches[1]
     assert x.shape == (1, 50)
     assert torch.all(y[0, 30:] == -100) and torch.all(d[0, 30:] == -1)  # 230 = 4*50 + 30
     assert torch.all(d[0, :30] == 0) and torch.equal(x[0, 1:30], y[0, :29])
-    again = mix.val_batches(seq_len=50, batch_size=4, tokens_per_domain=230)
+    again = val_batches(mix, seq_len=50, batch_size=4, tokens_per_domain=230)
     assert all(torch.equal(u, v) for a, b in zip(batches, again) for u, v in zip(a[1:], b[1:]))
     val = np.asarray(mix.array("val", "tokens"))
     a, _ = mix.domain_range("val", "alpha")
@@ -137,4 +138,4 @@ def test_val_batches_cover_each_domain_with_padding(mix):
 
 def test_sequence_longer_than_a_domain_is_an_error(mix):
     with pytest.raises(DataError, match="fewer than seq_len"):
-        mix.train_loader(10**6, 2, seed=0)
+        TrainLoader(mix, 10**6, 2, seed=0)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from moe_testbed.routing.balancer import z_loss
 from moe_testbed.routing.balancing.ba import BalancedAssignment
 from moe_testbed.routing.balancing.eb import ExpertBias
 from moe_testbed.routing.balancing.sh import SinkhornBalancing
-from moe_testbed.routing.balancing.zloss import z_loss
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import BALANCERS, build_router, load_all
 
 from .toy import make_cfg, make_info, make_model, train
@@ -57,7 +57,7 @@ def test_z_loss_hand_example_and_padding():
     assert out["z"].item() == pytest.approx(0.5 * want)
 
 
-@pytest.mark.parametrize("method", ["none", "lbl", "eb", "sh", "ba"])
+@pytest.mark.parametrize("method", sorted(BALANCERS))
 def test_z_loss_combines_with_every_method(method):
     torch.manual_seed(0)
     logits = torch.randn(8, 4)
@@ -142,7 +142,7 @@ def test_eb_state_is_saved_but_step_buffers_are_not():
 
 def test_eb_bias_changes_selection_not_gates():
     cfg = make_cfg("softmax_topk", "eb")
-    router = build_router(cfg, 0, make_info(cfg))
+    router = build_router(cfg, 0, 0, make_info(cfg))
     router.balancer.bias_E.copy_(torch.tensor([-5.0, -5.0, 5.0, 5.0]))  # forces experts 2, 3
     torch.manual_seed(0)
     x = torch.randn(6, cfg.model.d_model)
@@ -220,6 +220,17 @@ def test_ba_global_scope_solves_over_every_ranks_microbatch():
     got = ba.select(mine, k, ctx(S=4, group=FakeGroup(0, peer_gather=peer)))
     assert torch.equal(got, together[:T])
     assert torch.bincount(together.reshape(-1), minlength=E).tolist() == [4, 4, 4, 4]
+
+
+def test_none_is_plain_top_k_of_the_probs_and_adds_no_loss():
+    torch.manual_seed(3)
+    probs = torch.randn(8, 4).softmax(-1)
+    b = balancer("none")
+    sel = b.selection_scores(probs, ctx())
+    assert torch.equal(sel, probs)
+    idx = b.select(sel, 2, ctx())
+    assert torch.equal(idx.sort(-1).values, probs.topk(2).indices.sort(-1).values)
+    assert b.losses(probs, probs.log(), idx, ctx()) == {}  # z_loss = 0: nothing at all
 
 
 def test_balancer_classes():

@@ -103,3 +103,12 @@ def test_invalid_group_limits_are_rejected():
     ]:
         assert needle in combination_problem(make_cfg("softmax_topk", "none", **dotted))
     assert "n_groups" in combination_problem(make_cfg("softmax_topk", "sh", **{"routing.n_groups": 2}))
+
+
+def test_every_registered_component_has_behavioural_tests_of_its_own():
+    """This file only checks that combinations train; each router and method needs tests that pin what it does."""
+    others = [p for p in Path(__file__).parent.glob("test_*.py") if p.name not in ("test_combinations.py",
+                                                                                   "test_extending.py")]  # fmt: skip
+    text = "\n".join(p.read_text() for p in others)
+    missing = [name for name in [*ROUTERS, *BALANCERS] if f'"{name}"' not in text]
+    assert not missing, f"no behavioural test names {missing}: add one to tests/routing/ (docs/extending.md)"

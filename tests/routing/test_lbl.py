@@ -3,7 +3,7 @@ import torch
 
 from moe_testbed.config import load_config
 from moe_testbed.routing.balancing.lbl import LoadBalancingLoss
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 
 
 def make(scope="microbatch", E=8, k=2, coeff=1.0):

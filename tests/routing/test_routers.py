@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import build_router, load_all
 from moe_testbed.routing.routers.hash import greedy_hash_table
 from moe_testbed.routing.routers.sequence_level import prefix_mean
@@ -21,7 +21,7 @@ load_all()
 def router_for(name, method="none", scope="microbatch", info_cfg=None, **dotted):
     cfg = make_cfg(name, method, scope, **dotted)
     torch.manual_seed(0)
-    return build_router(cfg, 0, make_info(info_cfg or cfg)), cfg
+    return build_router(cfg, 0, 0, make_info(info_cfg or cfg)), cfg
 
 
 def ctx(training=True, S=8, **kw):
@@ -89,7 +89,7 @@ def test_expert_choice_each_expert_takes_its_capacity_per_unit():
 
 
 def test_expert_choice_through_the_model_counts_no_drops():
-    from moe_testbed.routing.stats import RoutingRecorder
+    from moe_testbed.routing.recorder import RoutingRecorder
 
     cfg = make_cfg("expert_choice", "none", "microbatch")
     model = make_model(cfg)
@@ -97,10 +97,10 @@ def test_expert_choice_through_the_model_counts_no_drops():
     ids, _, dom = batch(0)
     model(ids, RoutingContext(training=True, seq_len=8, domain_ids_T=dom, recorder=rec))
     t = rec.tables()
-    assert t["drops"].sum() == 0  # unchosen (token, expert) pairs are not drops
-    assert t["tokens"].sum() == 2 * (dom >= 0).sum()  # two MoE layers, padding not counted
+    assert t.drops.sum() == 0  # unchosen (token, expert) pairs are not drops
+    assert t.tokens.sum() == 2 * (dom >= 0).sum()  # two MoE layers, padding not counted
     # Each expert takes ceil(16 * 2 / 4) = 8 tokens of the micro-batch; padding tokens are not counted.
-    assert 0 < t["counts"].sum() <= 2 * 4 * 8
+    assert 0 < t.counts.sum() <= 2 * 4 * 8
 
 
 def test_hash_table_hand_example_and_balance():
@@ -240,7 +240,7 @@ def test_domain_routers_send_every_token_to_its_group(name, extra):
 
 def test_reference_uniform_is_round_robin_balanced_within_group():
     cfg = make_cfg("reference", **{"model.n_experts": 8})
-    router = build_router(cfg, 0, make_info(cfg))
+    router = build_router(cfg, 0, 0, make_info(cfg))
     dom = torch.tensor([0] * 12 + [1] * 12)  # groups: [0..3] and [4..7]
     dec = router(torch.zeros(24, cfg.model.d_model), ctx(S=12, domain_ids_T=dom))
     load = torch.bincount(dec.idx_TK.reshape(-1), minlength=8)
@@ -260,7 +260,7 @@ def test_domain_guided_eb_bias_cannot_leave_the_group():
 def test_group_limited_routing_keeps_tokens_in_topk_groups():
     cfg = make_cfg("softmax_topk", **{"model.n_experts": 8, "routing.n_groups": 4, "routing.topk_groups": 1})
     assert cfg.validate() is None
-    router = build_router(cfg, 0, make_info(cfg))
+    router = build_router(cfg, 0, 0, make_info(cfg))
     dec = router(x_for(cfg, 32), ctx())
     groups = dec.idx_TK // 2
     assert (groups[:, 0] == groups[:, 1]).all()  # both experts from the one chosen group

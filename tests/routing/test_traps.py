@@ -8,8 +8,9 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_testbed.routing.balancing.eb import ExpertBias
 from moe_testbed.routing.balancing.lbl import LoadBalancingLoss
-from moe_testbed.routing.base import RoutingContext
-from moe_testbed.routing.stats import RoutingRecorder
+from moe_testbed.routing.context import RoutingContext
+from moe_testbed.routing.decision import RoutingDecision
+from moe_testbed.routing.recorder import RoutingRecorder
 
 from .toy import VOCAB, batch, evaluate, make_cfg, make_model, train
 
@@ -138,12 +139,13 @@ def test_padding_is_not_counted_by_eb_or_the_recorder():
     eb = ExpertBias(4, 1, cfg.balance, 0)
     idx = torch.tensor([[0], [1], [2], [3], [0], [0], [0]])
     dom = torch.tensor([0, 0, 1, 1, -1, -1, -1])  # the padding all went to expert 0
-    eb.observe(idx, None, RoutingContext(training=True, seq_len=7, domain_ids_T=dom))
+    ctx = RoutingContext(training=True, seq_len=7, domain_ids_T=dom)
+    eb.observe(idx, None, ctx)
     torch.testing.assert_close(eb.acc_E, torch.ones(4))  # balanced without the padding
     rec = RoutingRecorder(1, 4, 2)
-    rec.record(0, idx, None, torch.ones(7, 1), dom)
+    rec.record(0, RoutingDecision(idx, torch.ones(7, 1)), ctx.domains_or(0), ctx.valid_T)
     t = rec.tables()
-    assert t["counts"].sum() == 4 and t["tokens"].sum() == 4
+    assert t.counts.sum() == 4 and t.tokens.sum() == 4
 
 
 def test_reference_padding_tokens_are_routed_but_not_counted():
@@ -153,5 +155,5 @@ def test_reference_padding_tokens_are_routed_but_not_counted():
     ids, _, dom = batch(0, pad=3)
     model(ids, RoutingContext(training=True, seq_len=8, domain_ids_T=dom, recorder=rec))
     t = rec.tables()
-    assert t["tokens"].sum() == 2 * (dom >= 0).sum()
-    assert t["counts"].sum() == 2 * 2 * (dom >= 0).sum()
+    assert t.tokens.sum() == 2 * (dom >= 0).sum()
+    assert t.counts.sum() == 2 * 2 * (dom >= 0).sum()

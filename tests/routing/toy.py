@@ -1,9 +1,8 @@
 """A tiny model and a training loop that mimics the trainer, for routing tests.
 
 The data layer is not needed: random token ids and random domain ids (with a
-padded tail) drive ``moe_testbed.model.Transformer`` directly, through the same
-calls the trainer makes (RoutingContext fields, backward of CE + aux loss,
-optimizer step, ``model.after_optimizer_step``).
+padded tail) drive ``moe_testbed.model.Transformer`` directly, through the
+trainer's own micro-step and optimizer step (train/step.py).
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import torch.nn.functional as F
 
 from moe_testbed.config import Config
 from moe_testbed.model import Transformer
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.groups import reference_groups
+from moe_testbed.train.step import micro_step, optimizer_step
 
 VOCAB = 64
 DOMAINS = ["code", "prose"]
@@ -61,7 +61,7 @@ def batch(seed: int, B: int = 2, S: int = 8, pad: int = 2):
 
 
 def train(model: Transformer, cfg: Config, steps: int = 2, grad_accum: int = 2, B: int = 2, S: int = 8, lr=1e-2):
-    """A few AdamW steps the way the trainer takes them; returns the per-step losses."""
+    """A few AdamW steps the way the trainer takes them (train/step.py); returns the per-step losses."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
@@ -69,17 +69,9 @@ def train(model: Transformer, cfg: Config, steps: int = 2, grad_accum: int = 2, 
         total = 0.0
         for mb in range(grad_accum):
             ids, tgt, dom = batch(step * grad_accum + mb, B, S)
-            ctx = RoutingContext(
-                training=True, seq_len=S, domain_ids_T=dom, step=step, microbatch=mb,
-                tokens_in_step=B * S * grad_accum, capacity_factor=cfg.balance.capacity_factor,
-            )  # fmt: skip
-            out = model(ids, ctx)
-            ce = F.cross_entropy(out.logits.reshape(-1, VOCAB), tgt.reshape(-1))
-            ((ce + out.aux_loss) / grad_accum).backward()
-            total += float((ce + out.aux_loss).detach()) / grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.after_optimizer_step(step + 1)
+            ce, aux = micro_step(model, ids, tgt, dom, step=step, microbatch=mb, accum=grad_accum)
+            total += float(ce + sum(aux.values())) / grad_accum
+        optimizer_step(model, opt, None, step + 1)
         losses.append(total)
     return losses
 
@@ -88,7 +80,6 @@ def train(model: Transformer, cfg: Config, steps: int = 2, grad_accum: int = 2, 
 def evaluate(model: Transformer, cfg: Config, B: int = 2, S: int = 8):
     model.eval()
     ids, tgt, dom = batch(999, B, S)
-    ctx = RoutingContext(training=False, seq_len=S, domain_ids_T=dom, capacity_factor=cfg.balance.eval_capacity_factor)
-    out = model(ids, ctx)
+    out = model(ids, RoutingContext(training=False, seq_len=S, domain_ids_T=dom))
     model.train()
     return F.cross_entropy(out.logits.reshape(-1, VOCAB), tgt.reshape(-1)).item()

@@ -60,15 +60,16 @@ def register_hf(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 def run_hf(args: argparse.Namespace) -> int:
     from moe_testbed.analysis.hf import load_model, measure, write_run
-    from moe_testbed.config import ConfigError, DataConfig
+    from moe_testbed.config import DataConfig
     from moe_testbed.data import ensure_mix
-    from moe_testbed.train.setup import resolve_device
+    from moe_testbed.devices import resolve_device, uses_bf16
+    from moe_testbed.errors import ConfigError
 
     for name in ("tokens_per_domain", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     device = resolve_device(args.device, option="hf --device ")
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(args.dtype, device)
     data = Path(args.data).expanduser()
     mix = ensure_mix(DataConfig(dir=str(data)) if data.is_dir() else DataConfig(preset=args.data))
     domains = mix.select(args.domains.split(",") if args.domains else None)

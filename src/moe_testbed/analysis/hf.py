@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from moe_testbed.analysis.metrics import reference_counts, routing_scalars
 from moe_testbed.data import DomainMix
-from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
+from moe_testbed.errors import UserError
+from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.routing.groups import reference_groups
+from moe_testbed.routing.tables import RoutingTables, Snapshot, save_snapshot, snapshot_path
+from moe_testbed.train.evaluate import loss_scalars
 
 
-class HFModelError(Exception):
+class HFModelError(UserError):
     """A checkpoint that cannot be loaded or has no routers (a user error, exit code 2)."""
 
 
@@ -195,17 +197,12 @@ def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[s
     """A run directory that `moe-testbed report` reads: config, one eval record, one routing snapshot."""
     out.mkdir(parents=True, exist_ok=True)
     counts, tokens, k = m["counts"], m["tokens"], m["top_k"]
-    L, E, D = counts.shape
-    groups = reference_groups(domains, E, k)
-    ref = np.stack([reference_counts(tokens[layer] * k, groups, E) for layer in range(L)])
+    L, E, C = counts.shape
+    tables = RoutingTables(counts=counts, drops=np.zeros((L, C), dtype=np.int64), tokens=tokens)
+    tables = tables.with_reference(reference_groups(domains, E, k), k)
     record: dict = {"kind": "eval", "step": 0, "tokens": int(tokens[0].sum())}
-    present = m["loss_n"] > 0
-    record["val/loss"] = float(m["loss_sum"][present].sum() / m["loss_n"][present].sum())
-    record["val/loss_balanced"] = float((m["loss_sum"][present] / m["loss_n"][present]).mean())
-    for d, name in enumerate(domains):
-        if present[d]:
-            record[f"val/loss/{name}"] = float(m["loss_sum"][d] / m["loss_n"][d])
-    record.update(routing_scalars(counts, m["layers"], tokens_LD=tokens, ref_counts_LED=ref, prefix="val/"))
+    record.update(loss_scalars(m["loss_sum"], m["loss_n"], domains))
+    record.update(tables.scalars(m["layers"], prefix="val/"))
     model_type = getattr(model.config, "model_type", type(model).__name__)
     config = {
         "hf": {"model": model_name, "model_type": model_type, **settings},
@@ -217,16 +214,7 @@ def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[s
     }
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(out / "metrics.jsonl", json.dumps(record) + "\n")
-    snapshot = {"counts": counts, "tokens": tokens, "ref_counts": ref, "drops": np.zeros((L, D), dtype=np.int64),
-                "layers": np.array(m["layers"]), "domains": np.array(domains), "step": np.array(0),
-                "top_k": np.array(k)}  # fmt: skip
-    (out / "routing").mkdir(exist_ok=True)
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, **snapshot)
-
-    atomic_write(out / "routing" / "step_000000.npz", save)
+    save_snapshot(snapshot_path(out, 0), Snapshot(0, m["layers"], domains, tables, k))
     params = sum(p.numel() for p in model.parameters())
     atomic_write_json(out / "summary.json", {"status": "complete", "params_total": params, "tokens": record["tokens"],
                                              "steps": 0, "final": record, "moe_layers": m["layers"],

@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from moe_testbed.analysis.rundir import Run, Snapshot
+from moe_testbed.analysis.rundir import Run
+from moe_testbed.routing.tables import Snapshot
 
 MAX_COLS = 4
 CURVE_METRICS = (("util", "utilization"), ("purity", "purity"), ("specialization", "specialization"))
@@ -34,21 +35,21 @@ def _grid(
     return fig, axes[:n_panels]
 
 
-def column_shares(n_ED: np.ndarray) -> np.ndarray:
+def column_shares(n_EC: np.ndarray) -> np.ndarray:
     """Each column divided by its sum: the share of domain d's slots that expert e got."""
-    m_D = n_ED.sum(axis=0, keepdims=True)
-    return np.divide(n_ED, m_D, out=np.zeros(n_ED.shape, dtype=np.float64), where=m_D > 0)
+    m_1C = n_EC.sum(axis=0, keepdims=True)
+    return np.divide(n_EC, m_1C, out=np.zeros(n_EC.shape, dtype=np.float64), where=m_1C > 0)
 
 
-def majority_order(share_ED: np.ndarray) -> np.ndarray:
+def majority_order(share_EC: np.ndarray) -> np.ndarray:
     """Experts sorted by majority domain, then by how much of it they take.
 
     Expert ids of a learned router are arbitrary; sorting makes specialisation
     show as a block diagonal instead of scattered cells.
     """
-    best_E = share_ED.argmax(axis=1)
-    top_E = share_ED.max(axis=1)
-    used_E = share_ED.sum(axis=1) > 0
+    best_E = share_EC.argmax(axis=1)
+    top_E = share_EC.max(axis=1)
+    used_E = share_EC.sum(axis=1) > 0
     # unused experts last, then by majority domain, then strongest first
     return np.lexsort((-top_E, best_E, ~used_E))
 
@@ -58,7 +59,7 @@ def heatmap_figure(snap: Snapshot, title: str) -> Figure | None:
 
     None for a snapshot without MoE layers.
     """
-    L, E, D = snap.counts.shape
+    L, E, C = snap.tables.counts.shape
     if L == 0:  # dense model: nothing is routed
         return None
     panels: list[tuple[str, np.ndarray]] = []
@@ -67,27 +68,27 @@ def heatmap_figure(snap: Snapshot, title: str) -> Figure | None:
         label = f"{name}  P={scalars[f'purity/{name}']:.2f}"
         if f"specialization/{name}" in scalars:
             label += f"  S={scalars[f'specialization/{name}']:.2f}"
-        panels.append((label, column_shares(snap.counts[l].astype(np.float64))))
-    if snap.ref_counts is not None:
-        panels.append(("reference router (upper bound)", column_shares(snap.ref_counts[0])))
+        panels.append((label, column_shares(snap.tables.counts[l].astype(np.float64))))
+    if snap.tables.ref_counts is not None:
+        panels.append(("reference router (upper bound)", column_shares(snap.tables.ref_counts[0])))
     vmax = max(max(float(s.max()) for _, s in panels), 2.0 / E)
 
-    panel_w = max(2.6, 0.34 * D + 1.0)
+    panel_w = max(2.6, 0.34 * C + 1.0)
     panel_h = max(2.6, min(0.2 * E + 1.3, 9.0))
     # L layers + the reference on one row up to 5 panels (the usual 4-layer model).
     fig, axes = _grid(len(panels), panel_w, panel_h, extra_w=0.8, max_cols=MAX_COLS + 1)
     ncols = min(len(panels), MAX_COLS + 1)
     image = None
-    for i, (ax, (label, share_ED)) in enumerate(zip(axes, panels)):
-        order = majority_order(share_ED)
-        image = ax.imshow(share_ED[order], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-        if E <= 16 and D <= 12:  # small tables: print the shares, skipping near-zero cells to keep it calm
-            for (row, col), value in np.ndenumerate(share_ED[order]):
+    for i, (ax, (label, share_EC)) in enumerate(zip(axes, panels)):
+        order = majority_order(share_EC)
+        image = ax.imshow(share_EC[order], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        if E <= 16 and C <= 12:  # small tables: print the shares, skipping near-zero cells to keep it calm
+            for (row, col), value in np.ndenumerate(share_EC[order]):
                 if value >= 0.05:
                     color = "black" if value > 0.6 * vmax else "white"
                     ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
         ax.set_title(label, fontsize=9)
-        ax.set_xticks(range(D), snap.domains, rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(C), snap.domains, rotation=60, ha="right", fontsize=8)
         every = max(1, math.ceil(E / 24))  # at most ~24 expert labels per panel
         ticks = list(range(0, E, every))
         ax.set_yticks(ticks, [str(int(order[i])) for i in ticks], fontsize=7)

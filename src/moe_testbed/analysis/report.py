@@ -25,8 +25,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from moe_testbed.analysis import plots
-from moe_testbed.analysis.metrics import load, nanmean, utilization
 from moe_testbed.analysis.rundir import ReportError, Run, flatten, load_run
+from moe_testbed.routing.metrics import load, nanmean, utilization
 
 # Config keys shown for every run, whether or not they vary.
 KEY_CONFIG = (
@@ -215,8 +215,8 @@ def _final_with_snapshot(run: Run) -> dict[str, Any]:
 def _reference_utilization(runs: Sequence[Run]) -> float:
     for run in runs:
         snap = run.snapshots[-1] if run.snapshots else None
-        if snap is not None and snap.ref_counts is not None:
-            return nanmean([utilization(load(ref_ED)) for ref_ED in snap.ref_counts])
+        if snap is not None and snap.tables.ref_counts is not None:
+            return nanmean([utilization(load(ref_EC)) for ref_EC in snap.tables.ref_counts])
     return math.nan
 
 

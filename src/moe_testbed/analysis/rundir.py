@@ -21,53 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from moe_testbed.analysis.metrics import routing_scalars
+from moe_testbed.errors import UserError
+from moe_testbed.routing import tables
+from moe_testbed.routing.tables import Snapshot
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
-SNAPSHOT_ARRAYS = ("drops", "gate_mass_sum", "tokens", "ref_counts", "train_counts")
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A user error while reading runs or writing a report (not a run dir, an empty run, ...).
 
     The CLI prints ``error: <message>`` and exits with status 2.
     """
-
-
-@dataclass
-class Snapshot:
-    """Routing counts of one evaluation (``routing/step_NNNNNN.npz``); shapes as in metrics.py."""
-
-    step: int
-    path: Path
-    counts: np.ndarray  # [L, E, D] validation slots routed (eval capacity)
-    layers: list[str]
-    domains: list[str]
-    top_k: int | None = None
-    drops: np.ndarray | None = None  # [L, D]
-    gate_mass_sum: np.ndarray | None = None  # [L, D]
-    tokens: np.ndarray | None = None  # [L, D]
-    ref_counts: np.ndarray | None = None  # [L, E, D] reference router on the same tokens
-    train_counts: np.ndarray | None = None  # [L, E, D] training slots since the previous evaluation
-
-    @property
-    def n_experts(self) -> int:
-        return int(self.counts.shape[1])
-
-    def scalars(self, prefix: str = "val/") -> dict[str, float]:
-        """The metrics of record of this snapshot, as the trainer logs them."""
-        return routing_scalars(
-            self.counts,
-            self.layers,
-            drops_LD=self.drops,
-            gate_mass_sum_LD=self.gate_mass_sum,
-            tokens_LD=self.tokens,
-            ref_counts_LED=self.ref_counts,
-            prefix=prefix,
-        )
 
 
 @dataclass
@@ -188,30 +155,11 @@ def read_metrics(path: Path, warnings: list[str] | None = None) -> tuple[list[di
 
 
 def load_snapshot(path: Path) -> Snapshot:
-    """Read one ``routing/step_NNNNNN.npz``; optional arrays that are absent become None."""
+    """Read one ``routing/step_NNNNNN.npz`` (routing/tables.py); an unreadable one is a ReportError."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise ReportError(f"{path} is not a readable routing snapshot: {exc}") from None
-    missing = [k for k in ("counts", "layers", "domains") if k not in arrays]
-    if missing:
-        raise ReportError(f"{path} lacks the arrays {', '.join(missing)}")
-    counts = arrays["counts"]
-    layers = [str(x) for x in arrays["layers"]]
-    domains = [str(x) for x in arrays["domains"]]
-    if counts.ndim != 3 or counts.shape[0] != len(layers) or counts.shape[2] != len(domains):
-        raise ReportError(f"{path}: counts has shape {counts.shape}, expected [L={len(layers)}, E, D={len(domains)}]")
-    if "step" in arrays:
-        step = int(arrays["step"])
-    else:
-        try:
-            step = int(path.stem.split("_")[-1])
-        except ValueError:
-            raise ReportError(f"{path} has no step array and its name is not step_NNNNNN.npz") from None
-    top_k = int(arrays["top_k"]) if "top_k" in arrays else None
-    optional = {k: arrays.get(k) for k in SNAPSHOT_ARRAYS}
-    return Snapshot(step=step, path=path, counts=counts, layers=layers, domains=domains, top_k=top_k, **optional)
+        return tables.load_snapshot(path)
+    except tables.SnapshotError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

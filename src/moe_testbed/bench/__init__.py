@@ -11,3 +11,5 @@ run.py      options and the sections in order
 report.py   rich / Markdown tables, JSON
 cli.py      the ``bench`` command
 """
+
+SECTIONS = ("layer", "step", "balance", "stats")  # in the order they run

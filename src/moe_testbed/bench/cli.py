@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-SECTIONS = ("layer", "step", "balance", "stats")
+from moe_testbed.bench import SECTIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from moe_testbed.bench.run import BenchOptions, run_bench
 
     if args.threads < 1:
-        from moe_testbed.config import ConfigError
+        from moe_testbed.errors import ConfigError
 
         raise ConfigError(f"bench --threads {args.threads}: must be >= 1")
     opts = BenchOptions(

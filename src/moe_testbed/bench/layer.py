@@ -14,7 +14,6 @@ The MoE variants share one set of weights and one float64 reference (see guard.p
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,10 @@ from moe_testbed.bench.group import Candidate, GroupResult, ratio_json, run_grou
 from moe_testbed.bench.guard import check, reference_grads, reference_moe, untie_routing
 from moe_testbed.bench.hf import HF_BACKENDS, build_hf_block, hf_available, hf_grads
 from moe_testbed.config import load_config
+from moe_testbed.devices import autocast_for
 from moe_testbed.model.ffn import SwiGLU
 from moe_testbed.model.moe import MoELayer
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,6 @@ def reference_swiglu(x: Tensor, w13_weight: Tensor, w2_weight: Tensor) -> Tensor
     return F.linear(F.silu(a) * b, w2_weight)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def build_candidates(shape: LayerShape, device: torch.device, dtype: torch.dtype, tol: float, seed: int = 0):
     """The variants of one shape, each with its guard."""
     s = shape
@@ -76,7 +70,7 @@ def build_candidates(shape: LayerShape, device: torch.device, dtype: torch.dtype
         lambda x_, r_, a_, b_: reference_moe(x_, r_, a_, b_, K), x, g, {"router": router, "w13": w13, "w2": w2}
     )
     x, g = x.to(device).requires_grad_(True), g.to(device)
-    autocast = _autocast(device, dtype)
+    autocast = autocast_for(device, str(dtype).removeprefix("torch."))
     cands: list[Candidate] = []
 
     def add(name, label, module, forward, grads_of, want):

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_testbed.allocator import keep_freed_memory
-
-SECTIONS = ("layer", "step", "balance", "stats")
+from moe_testbed.bench import SECTIONS
 
 
 @dataclass
@@ -82,7 +81,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     from moe_testbed.bench import layer as layer_mod
     from moe_testbed.bench import step as step_mod
     from moe_testbed.bench.guard import FP32_TOL
-    from moe_testbed.train.setup import resolve_device
+    from moe_testbed.devices import resolve_device
 
     torch.set_num_threads(opts.threads)
     malloc_tuned = keep_freed_memory()  # as the trainer does; applies to every variant alike

@@ -2,11 +2,11 @@
 
 Public API (used by the trainer)::
 
-    from moe_testbed.data import DataError, ensure_mix
+    from moe_testbed.data import DataError, TrainLoader, ensure_mix, val_batches
     mix = ensure_mix(cfg.data)             # builds the preset's mix on first use
-    loader = mix.train_loader(seq_len, batch_size, seed)
+    loader = TrainLoader(mix, seq_len, batch_size, seed)
     input_ids, targets, domain_ids = loader.next_batch()
-    for name, x, y, d in mix.val_batches(seq_len, batch_size, tokens_per_domain): ...
+    for name, x, y, d in val_batches(mix, seq_len, batch_size, tokens_per_domain): ...
 
 Heavy modules (torch, tokenizers) load on first use of the names that need
 them, so that extraction workers and ``data info`` start quickly.
@@ -20,15 +20,16 @@ from moe_testbed.data.errors import DataError
 
 if TYPE_CHECKING:
     from moe_testbed.data.build import BuildOptions, build_mix
-    from moe_testbed.data.loader import TrainLoader
+    from moe_testbed.data.loader import TrainLoader, val_batches
     from moe_testbed.data.mix import DomainMix, ensure_mix
 
-__all__ = ["DataError", "DomainMix", "TrainLoader", "ensure_mix", "build_mix", "BuildOptions"]
+__all__ = ["DataError", "DomainMix", "TrainLoader", "ensure_mix", "build_mix", "BuildOptions", "val_batches"]
 
 _LAZY = {
     "DomainMix": "moe_testbed.data.mix",
     "ensure_mix": "moe_testbed.data.mix",
     "TrainLoader": "moe_testbed.data.loader",
+    "val_batches": "moe_testbed.data.loader",
     "build_mix": "moe_testbed.data.build",
     "BuildOptions": "moe_testbed.data.build",
 }

@@ -7,8 +7,10 @@ fix; the CLI prints it as ``error: <msg>`` and exits with status 2.
 
 from __future__ import annotations
 
+from moe_testbed.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A user error in the data layer: one line, names the problem and the fix."""
 
     def __init__(self, message: str) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 
 from moe_testbed.data.errors import DataError
 from moe_testbed.data.paths import preset_dir
+from moe_testbed.data.sampling import parse_weights
 from moe_testbed.data.storage import SPLITS, load_array, read_manifest
 
 
@@ -93,31 +94,9 @@ class DomainMix:
         if split not in SPLITS:
             raise DataError(f"split {split!r} does not exist: choose one of {', '.join(SPLITS)}")
 
-    # ---- batches ------------------------------------------------------------
-    def train_loader(
-        self,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        packing: str = "domain",
-        weights: str | None = None,
-        domains: list[str] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        from moe_testbed.data.loader import TrainLoader
-
-        return TrainLoader(self, seq_len, batch_size, seed, packing, weights, domains, rank, world_size)
-
-    def val_batches(self, seq_len: int, batch_size: int, tokens_per_domain: int, domains: list[str] | None = None):
-        from moe_testbed.data.loader import val_batches
-
-        return val_batches(self, seq_len, batch_size, tokens_per_domain, domains)
-
 
 def ensure_mix(data_cfg: Any) -> DomainMix:
     """The mix a config names; builds the preset's mix first when it is missing and allowed."""
-    from moe_testbed.data.loader import PACKINGS, parse_weights
     from moe_testbed.data.presets import get_preset
 
     if data_cfg.dir:
@@ -140,8 +119,6 @@ def ensure_mix(data_cfg: Any) -> DomainMix:
 
             build_mix(BuildOptions(preset=preset), out=path)
     mix = DomainMix(path)
-    if getattr(data_cfg, "packing", "domain") not in PACKINGS:
-        raise DataError(f"data.packing={data_cfg.packing!r} is not allowed: choose one of {', '.join(PACKINGS)}")
     selected = mix.select(getattr(data_cfg, "domains", None))
     parse_weights(getattr(data_cfg, "weights", None), selected)  # fail before training starts
     return mix

@@ -17,10 +17,14 @@ from moe_testbed.io import sha256_file
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from moe_testbed.data.build import Plan
     from moe_testbed.data.packages import Resolved
+    from moe_testbed.data.plan import Plan
     from moe_testbed.data.progress import Progress
     from moe_testbed.data.sources import Source
+
+
+EXTRACT_STATS = ("documents", "bytes", "complete", "duplicates", "skipped_short", "bad_chars",
+                 "docs_with_bad_chars", "seconds")  # fmt: skip
 
 
 def write_mix(
@@ -35,9 +39,61 @@ def write_mix(
     tok_path: Path,
     progress: Progress,
 ) -> dict:
+    """Write the split arrays, the tokenizer and (last) mix.json; returns the manifest."""
     names = list(domains)
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
+    files, ranges, totals = _write_splits(out, names, encoded, vocab, dtype)
+    guard_disk("tokenizer.json", lambda: shutil.copyfile(tok_path, out / "tokenizer.json"))
+    files["tokenizer.json"] = sha256_file(out / "tokenizer.json")
+    sources_out = {
+        s.name: {
+            **s.manifest(),
+            "resolved": [resolved[r.key].manifest() for r in s.packages if r.key in resolved],
+            "extracted": {k: metas[s.name][k] for k in EXTRACT_STATS},
+        }
+        for d in names
+        for s in domains[d]
+    }
+    domains_out = [
+        {
+            "id": i,
+            "name": d,
+            "sources": [s.name for s in domains[d]],
+            "licence": "; ".join(dict.fromkeys(s.licence for s in domains[d])),
+            "tokens": {s: encoded[d].count(s) for s in SPLITS},
+            "documents": {s: len(encoded[d].ids[s]) for s in SPLITS},
+            "bytes": dict(encoded[d].bytes),
+            "bad_chars": encoded[d].bad_chars,
+            "ranges": ranges[d],
+        }
+        for i, d in enumerate(names)
+    ]
+    manifest = {
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(progress.elapsed(), 1),
+        "settings": plan.settings(),
+        "vocab_size": vocab,
+        "eos_id": eos_id(tok),
+        "token_dtype": dtype.name,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "type": "byte-level BPE (Hugging Face tokenizers)",
+            "requested_vocab_size": plan.vocab_size,
+            "trained_on_bytes_per_domain": plan.tok_bytes,
+        },
+        "splits": {s: {"tokens": totals[s], "rule": "by document"} for s in SPLITS},
+        "domains": domains_out,
+        "sources": sources_out,
+        "files": files,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _write_splits(out: Path, names: list[str], encoded: dict[str, Encoded], vocab: int, dtype) -> tuple:
+    """Per split: concatenated tokens, domain ids and document offsets; (file digests, ranges, totals)."""
     files: dict[str, str] = {}
     ranges: dict[str, dict[str, dict[str, list[int]]]] = {d: {} for d in names}
     totals = {}
@@ -64,65 +120,4 @@ def write_mix(
         if split == "train":
             freq = np.bincount(tokens, minlength=vocab).astype(np.int64)
             save_array(out / "train.freq.npy", freq)
-    guard_disk("tokenizer.json", lambda: shutil.copyfile(tok_path, out / "tokenizer.json"))
-    files["tokenizer.json"] = sha256_file(out / "tokenizer.json")
-
-    sources_out = {}
-    domains_out = []
-    for i, d in enumerate(names):
-        enc = encoded[d]
-        srcs = domains[d]
-        for s in srcs:
-            meta = metas[s.name]
-            pkgs = [resolved[r.key].manifest() for r in s.packages if r.key in resolved]
-            sources_out[s.name] = {
-                **s.manifest(),
-                "resolved": pkgs,
-                "extracted": {
-                    k: meta[k]
-                    for k in (
-                        "documents",
-                        "bytes",
-                        "complete",
-                        "duplicates",
-                        "skipped_short",
-                        "bad_chars",
-                        "docs_with_bad_chars",
-                        "seconds",
-                    )
-                },
-            }
-        domains_out.append(
-            {
-                "id": i,
-                "name": d,
-                "sources": [s.name for s in srcs],
-                "licence": "; ".join(dict.fromkeys(s.licence for s in srcs)),
-                "tokens": {s: enc.count(s) for s in SPLITS},
-                "documents": {s: len(enc.ids[s]) for s in SPLITS},
-                "bytes": dict(enc.bytes),
-                "bad_chars": enc.bad_chars,
-                "ranges": ranges[d],
-            }
-        )
-    manifest = {
-        "fingerprint": fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "build_seconds": round(progress.elapsed(), 1),
-        "settings": plan.settings(),
-        "vocab_size": vocab,
-        "eos_id": eos_id(tok),
-        "token_dtype": dtype.name,
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "type": "byte-level BPE (Hugging Face tokenizers)",
-            "requested_vocab_size": plan.vocab_size,
-            "trained_on_bytes_per_domain": plan.tok_bytes,
-        },
-        "splits": {s: {"tokens": totals[s], "rule": "by document"} for s in SPLITS},
-        "domains": domains_out,
-        "sources": sources_out,
-        "files": files,
-    }
-    write_manifest(out, manifest)
-    return manifest
+    return files, ranges, totals

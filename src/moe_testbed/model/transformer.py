@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from moe_testbed.model.ffn import SwiGLU
 from moe_testbed.model.moe import MoELayer
 from moe_testbed.model.params import dense_hidden_for
-from moe_testbed.routing.base import RoutingContext
+from moe_testbed.routing.context import RoutingContext
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """Balanced token-to-expert assignment (BASE layers): expert prices, exact repair, auction.
 
 Tensor legend: U scope units (sequences, or one micro-batch), T tokens per unit,
-E experts, K experts per token, C slots per expert.
+E experts, K experts per token, Q slots per expert (its capacity).
 
 Everything is batched over units and written in tensor operations, with no
 Python loop over tokens, so that it runs on the router's device.
@@ -23,7 +23,7 @@ a Jacobi-style forward auction (Bertsekas 1988; objects with several
 identical slots, Bertsekas & Castanon 1989) started from those prices: every
 token short of K experts bids, for each of the r experts it still needs,
 ``a[t,e] - v_{r+1} + eps`` (``v_{r+1}``: the value ``a - price`` of its
-(r+1)-th best expert not held), and each expert keeps the C highest prices
+(r+1)-th best expert not held), and each expert keeps the Q highest prices
 among its holders and the bidders. Bids keep eps-complementary slackness, so
 the auction ends within ``T*K*eps`` of the optimum whatever the starting
 prices. Both are checked against SciPy. When the budget (``max_rounds``
@@ -78,15 +78,15 @@ def equilibrium_prices(
     """
     U, T, E = a_UTE.shape
     K = top_k
-    C = -(-T * K // E)  # ceil: capacities are C or C - 1 (unit_capacities); no device sync
+    Q = -(-T * K // E)  # ceil: capacities are Q or Q - 1 (unit_capacities); no device sync
     p_UE = a_UTE.new_zeros(U, E)
-    if C >= T or K >= E:
+    if Q >= T or K >= E:
         return p_UE
     # Experts-major layout: every reduction below runs over contiguous memory.
     a_UET = a_UTE.transpose(1, 2).contiguous()
-    # The c_e-th and (c_e+1)-th largest of C+1 values: c_e is C or C-1 (the remainder), so they are
-    # among the three smallest of an unsorted top-(C+1) (cheaper than a sorted top-k).
-    j_UE1 = (C - cap_UE)[:, :, None]
+    # The c_e-th and (c_e+1)-th largest of Q+1 values: c_e is Q or Q-1 (the remainder), so they are
+    # among the three smallest of an unsorted top-(Q+1) (cheaper than a sorted top-k).
+    j_UE1 = (Q - cap_UE)[:, :, None]
     for i in range(iters):
         v_UET = a_UET - p_UE[:, :, None]
         # The K-th and (K+1)-th best values of every token by repeated max (cheaper than a top-k over
@@ -101,24 +101,7 @@ def equilibrium_prices(
         if check_every and i % check_every == check_every - 1 and bool((in_top.sum(-1) == cap_UE).all()):
             break
         s_UET = a_UET - torch.where(in_top, best[K], best[K - 1])
-        low3 = s_UET.topk(C + 1, dim=-1, sorted=False).values.topk(min(3, C + 1), dim=-1, largest=False).values
-        lo_UE = low3.gather(-1, j_UE1).squeeze(-1)
-        hi_UE = low3.gather(-1, (j_UE1 + 1).clamp(max=low3.shape[-1] - 1)).squeeze(-1)
-        p_UE = p_UE + damping * (0.5 * (hi_UE + lo_UE) - p_UE)
-    return p_UE
-    # The c_e-th and (c_e+1)-th largest of C+1 values: c_e is C or C-1 (the remainder), so they are
-    # among the three smallest of an unsorted top-(C+1) (cheaper than a sorted top-k).
-    j_UE1 = (C - cap_UE)[:, :, None]
-    for i in range(iters):
-        v_UTE = a_UTE - p_UE[:, None, :]
-        vals = v_UTE.topk(K + 1, dim=-1).values  # sorted, best first
-        in_top = v_UTE >= vals[..., K - 1 : K]
-        # Stop once the prices balance the load exactly (one host sync per check_every iterations).
-        if check_every and i % check_every == check_every - 1 and bool((in_top.sum(1) == cap_UE).all()):
-            break
-        theta_UTE = torch.where(in_top, vals[..., K : K + 1], vals[..., K - 1 : K])
-        s_UET = (a_UTE - theta_UTE).transpose(1, 2)
-        low3 = s_UET.topk(C + 1, dim=-1, sorted=False).values.topk(min(3, C + 1), dim=-1, largest=False).values
+        low3 = s_UET.topk(Q + 1, dim=-1, sorted=False).values.topk(min(3, Q + 1), dim=-1, largest=False).values
         lo_UE = low3.gather(-1, j_UE1).squeeze(-1)
         hi_UE = low3.gather(-1, (j_UE1 + 1).clamp(max=low3.shape[-1] - 1)).squeeze(-1)
         p_UE = p_UE + damping * (0.5 * (hi_UE + lo_UE) - p_UE)
@@ -148,14 +131,14 @@ def balanced_assignment(
     a = score_UTE.float()
     if K >= E:  # every token takes every expert
         return AuctionResult(torch.arange(E, device=dev).expand(U, T, E).clone(), 0, True)
-    C = -(-T * K // E)
+    Q = -(-T * K // E)
     p0_UE = equilibrium_prices(a, K, cap_UE, price_iters)
     if solver == "repair":
         return _solve_by_repair(a, K, cap_UE, p0_UE, max_rounds)
     # Slots past an expert's capacity are "sold" forever: price +inf, no holder.
-    dummy_UEC = torch.arange(C, device=dev)[None, None, :] >= cap_UE[:, :, None]
-    price_UEC = torch.where(dummy_UEC, torch.inf, p0_UE[:, :, None].expand(U, E, C))
-    holder_UEC = torch.full((U, E, C), T, dtype=torch.long, device=dev)  # T = nobody
+    dummy_UEQ = torch.arange(Q, device=dev)[None, None, :] >= cap_UE[:, :, None]
+    price_UEQ = torch.where(dummy_UEQ, torch.inf, p0_UE[:, :, None].expand(U, E, Q))
+    holder_UEQ = torch.full((U, E, Q), T, dtype=torch.long, device=dev)  # T = nobody
     held_UTE = torch.zeros(U, T, E, dtype=torch.bool, device=dev)
     # A token with no (r+1)-th option pays at most the score range more.
     spread = (a.amax() - a.amin()).clamp_min(1.0) + 1.0
@@ -173,7 +156,7 @@ def balanced_assignment(
         tok_UBE = tok_UB[..., None].expand(U, n_bid, E)
         a_UBE = a.gather(1, tok_UBE)
         need_UB = need_UT.gather(1, tok_UB) * (is_bidder_UB > 0)
-        entry_UE = price_UEC.amin(-1)
+        entry_UE = price_UEQ.amin(-1)
         v_UBE = (a_UBE - entry_UE[:, None, :]).masked_fill(held_UTE.gather(1, tok_UBE), -torch.inf)
         vals, inds = v_UBE.topk(K + 1, dim=-1)  # sorted, best first
         # v_{r+1}: the value of the best option beyond the r experts still needed.
@@ -183,12 +166,12 @@ def balanced_assignment(
         bidding = rank_R[None, None, :] < need_UB[..., None]
         bid_vals = torch.where(bidding, a_UBE.gather(-1, inds) - nxt + eps, -torch.inf)
         bid_UBE = torch.full_like(a_UBE, -torch.inf).scatter_(-1, inds, bid_vals)
-        # Each expert keeps the C highest prices among its holders and the bidders.
-        cand_price = torch.cat((price_UEC, bid_UBE.transpose(1, 2)), dim=-1)
-        cand_holder = torch.cat((holder_UEC, tok_UB[:, None, :].expand(U, E, n_bid)), dim=-1)
-        price_UEC, pos = cand_price.topk(C, dim=-1, sorted=False)
-        holder_UEC = cand_holder.gather(-1, pos)
-        held_UTE = _held(holder_UEC, U, T, E)
+        # Each expert keeps the Q highest prices among its holders and the bidders.
+        cand_price = torch.cat((price_UEQ, bid_UBE.transpose(1, 2)), dim=-1)
+        cand_holder = torch.cat((holder_UEQ, tok_UB[:, None, :].expand(U, E, n_bid)), dim=-1)
+        price_UEQ, pos = cand_price.topk(Q, dim=-1, sorted=False)
+        holder_UEQ = cand_holder.gather(-1, pos)
+        held_UTE = _held(holder_UEQ, U, T, E)
         rounds += 1
     if not done:
         done = bool((held_UTE.sum(-1) == K).all())
@@ -211,11 +194,11 @@ def _solve_by_repair(a_UTE: Tensor, K: int, cap_UE: Tensor, p_UE: Tensor, max_au
     return AuctionResult(idx_UTK=idx_UTK, rounds=n_aug, completed=done)
 
 
-def _held(holder_UEC: Tensor, U: int, T: int, E: int) -> Tensor:
-    held = torch.zeros(U, T + 1, E, dtype=torch.bool, device=holder_UEC.device)
-    e_UEC = torch.arange(E, device=holder_UEC.device)[None, :, None].expand_as(holder_UEC)
-    u_UEC = torch.arange(U, device=holder_UEC.device)[:, None, None].expand_as(holder_UEC)
-    held[u_UEC, holder_UEC, e_UEC] = True
+def _held(holder_UEQ: Tensor, U: int, T: int, E: int) -> Tensor:
+    held = torch.zeros(U, T + 1, E, dtype=torch.bool, device=holder_UEQ.device)
+    e_UEQ = torch.arange(E, device=holder_UEQ.device)[None, :, None].expand_as(holder_UEQ)
+    u_UEQ = torch.arange(U, device=holder_UEQ.device)[:, None, None].expand_as(holder_UEQ)
+    held[u_UEQ, holder_UEQ, e_UEQ] = True
     return held[:, :T]
 
 

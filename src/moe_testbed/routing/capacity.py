@@ -1,9 +1,11 @@
-"""Expert capacity and token dropping.
+"""Expert capacity and token dropping: the road's second station, after the router decides.
 
 capacity = ceil(T_unit * k / E * capacity_factor) slots per expert per scope
 unit (a sequence for ``sequence`` scope, else the micro-batch). Slots beyond an
 expert's capacity are dropped: they contribute nothing (the token keeps its
-residual path) and are counted as drops.
+residual path) and are counted as drops. Training uses
+``balance.capacity_factor``, evaluation ``balance.eval_capacity_factor``
+(``None``: dropless).
 
 Priority inside an expert:
   ``probs``    highest gate weight first (Megatron-Core's default),
@@ -14,9 +16,34 @@ Priority inside an expert:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from moe_testbed.routing.scope import scope_unit_len
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The capacity rule of one MoE layer, from the ``balance`` section."""
+
+    n_experts: int
+    train_factor: float | None
+    eval_factor: float | None
+    policy: str  # probs | position
+    scope: str  # the balancing scope decides the unit (a sequence, else the micro-batch)
+
+    @classmethod
+    def from_config(cls, cfg) -> Capacity:
+        b = cfg.balance
+        return cls(cfg.model.n_experts, b.capacity_factor, b.eval_capacity_factor, b.drop_policy, b.scope)
+
+    def keep(self, idx_TK: Tensor, gate_TK: Tensor, training: bool, seq_len: int) -> Tensor | None:
+        """Bool mask [T, K] of the slots that fit; None when dropless."""
+        factor = self.train_factor if training else self.eval_factor
+        unit = scope_unit_len(idx_TK.shape[0], seq_len, self.scope)
+        return capacity_keep(idx_TK, gate_TK, self.n_experts, factor, self.policy, unit)
 
 
 def capacity(unit_tokens: int, top_k: int, n_experts: int, factor: float) -> int:

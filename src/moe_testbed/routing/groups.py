@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_testbed.config import ConfigError
+from moe_testbed.errors import ConfigError
 
 
 def reference_groups(
@@ -54,12 +54,14 @@ def group_members(groups: list[list[int]], n_experts: int) -> torch.Tensor:
     return member
 
 
-def groups_from_info(info: dict, n_experts: int, top_k: int, router: str) -> list[list[int]]:
+def groups_from_info(
+    info: dict, n_experts: int, top_k: int, router: str, explicit: dict[str, list[int]] | None = None
+) -> list[list[int]]:
     """The domain -> experts groups the trainer passes in ``info`` (or derived from ``info["domains"]``)."""
     if info.get("groups") is not None:
         return info["groups"]
     if info.get("domains") is not None:
-        return reference_groups(list(info["domains"]), n_experts, top_k, info.get("explicit_groups"))
+        return reference_groups(list(info["domains"]), n_experts, top_k, explicit)
     raise ValueError(
         f"routing.router={router} needs the mix's domains: pass info={{'domains': [...], 'groups': [...]}} "
         "(the trainer does)"

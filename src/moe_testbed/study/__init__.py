@@ -12,8 +12,10 @@ learn :class:`StudyError`.
 
 from __future__ import annotations
 
+from moe_testbed.errors import UserError
 
-class StudyError(Exception):
+
+class StudyError(UserError):
     """A user error in a study (bad spec, unknown preset, busy study directory).
 
     The CLI prints ``error: <message>`` and exits with status 2.

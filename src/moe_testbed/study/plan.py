@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from moe_testbed.config import Config, ConfigError, parse_override
+from moe_testbed.config import Config, parse_override
+from moe_testbed.errors import ConfigError
 from moe_testbed.study import StudyError
 from moe_testbed.study.spec import RunGroup, StudySpec, check_key
 

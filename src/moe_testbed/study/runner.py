@@ -96,23 +96,8 @@ def run_study(
     chosen = select(runs, only)
     study_dir = Path(out) if out else Path("studies") / spec.name
     varied = spec.varied_keys()
-    jobs = []
-    for run in runs:
-        run.cfg.run.out_dir = str(study_dir / "runs")
-        run.cfg.run.progress = "log"
-    for run in chosen:
-        run_dir = study_dir / "runs" / run.name
-        params = {k: _flat(run.cfg).get(k) for k in varied}
-        jobs.append(Job(run, classify(run.cfg, run.skip, run_dir), run_dir, params))
-    # Threads per worker: the cores shared by the workers that will actually run, so that
-    # two runs left on eight cores get four threads each. (config_diff ignores this key.)
-    cores = usable_cores()
-    n_todo = sum(j.state.action in ("start", "resume") for j in jobs)
-    workers = min(workers, max(n_todo, 1))
-    threads = max(1, cores // workers)
-    for job in jobs:
-        job.run.cfg.train.threads = threads
-
+    jobs, workers, threads = _plan_jobs(runs, chosen, study_dir, varied, workers)
+    cores, n_todo = usable_cores(), sum(j.state.action in ("start", "resume") for j in jobs)
     n_skip = sum(j.state.action == "skip" for j in jobs)
     selected = f", {len(chosen)} selected by --only" if only else ""
     say(
@@ -149,6 +134,27 @@ def run_study(
         return _finish(jobs, rows, study_dir, report, say)
     finally:
         study_lock.release()
+
+
+def _plan_jobs(runs: list[PlannedRun], chosen: list[PlannedRun], study_dir: Path, varied: list[str],
+               workers: int) -> tuple[list[Job], int, int]:  # fmt: skip
+    """The chosen runs as jobs with what to do with each; (jobs, workers, threads per worker)."""
+    for run in runs:
+        run.cfg.run.out_dir = str(study_dir / "runs")
+        run.cfg.run.progress = "log"
+    jobs = []
+    for run in chosen:
+        run_dir = study_dir / "runs" / run.name
+        params = {k: _flat(run.cfg).get(k) for k in varied}
+        jobs.append(Job(run, classify(run.cfg, run.skip, run_dir), run_dir, params))
+    # Threads per worker: the cores shared by the workers that will actually run, so that
+    # two runs left on eight cores get four threads each. (config_diff ignores this key.)
+    n_todo = sum(j.state.action in ("start", "resume") for j in jobs)
+    workers = min(workers, max(n_todo, 1))
+    threads = max(1, usable_cores() // workers)
+    for job in jobs:
+        job.run.cfg.train.threads = threads
+    return jobs, workers, threads
 
 
 def _record_static(jobs: list[Job], study_dir: Path, say) -> list[Job]:

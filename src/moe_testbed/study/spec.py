@@ -36,7 +36,8 @@ from typing import Any
 
 import yaml
 
-from moe_testbed.config import Config, ConfigError, parse_override
+from moe_testbed.config import Config, parse_override
+from moe_testbed.errors import ConfigError
 from moe_testbed.study import StudyError
 
 STUDY_KEYS = ("name", "description", "base", "overrides", "grid", "runs", "name_format")

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from moe_testbed.config import Config, ConfigError
+from moe_testbed.config import Config
+from moe_testbed.errors import ConfigError
 from moe_testbed.study.locks import holder_pid, is_locked
 
 RUN_LOCK = ".run.lock"

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from moe_testbed.errors import UserError
 from moe_testbed.io import sha256_file
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be trusted."""
 
 

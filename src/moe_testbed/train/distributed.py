@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_testbed.config import ConfigError
+from moe_testbed.devices import resolve_device
+from moe_testbed.errors import ConfigError
 from moe_testbed.routing.scope import LocalGroup, TorchDistributedGroup
-from moe_testbed.train.setup import resolve_device
 
 # Gradients are reduced in flat buckets of at most this many bytes (DDP's default is 25 MiB).
 BUCKET_BYTES = 25 << 20

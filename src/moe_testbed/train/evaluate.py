@@ -8,73 +8,63 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moe_testbed.analysis.metrics import reference_counts, routing_scalars
-from moe_testbed.routing.base import RoutingContext
-from moe_testbed.routing.stats import RoutingRecorder
+from moe_testbed.data.loader import IGNORE_INDEX
+from moe_testbed.routing.context import RoutingContext
+from moe_testbed.routing.recorder import RoutingRecorder
+from moe_testbed.routing.scope import LocalGroup, ProcessGroup
+from moe_testbed.routing.tables import RoutingTables
+
+
+def loss_scalars(loss_sum_C: np.ndarray, tok_sum_C: np.ndarray, domains: list[str]) -> dict[str, float]:
+    """``val/loss`` (token-weighted), ``val/loss_balanced`` (equal domain weight), per-domain loss and ppl."""
+    present = tok_sum_C > 0
+    scalars: dict[str, float] = {"val/loss": float(loss_sum_C[present].sum() / tok_sum_C[present].sum())}
+    scalars["val/loss_balanced"] = float((loss_sum_C[present] / tok_sum_C[present]).mean())
+    for c, name in enumerate(domains):
+        if present[c]:
+            scalars[f"val/loss/{name}"] = float(loss_sum_C[c] / tok_sum_C[c])
+            scalars[f"val/ppl/{name}"] = float(math.exp(min(loss_sum_C[c] / tok_sum_C[c], 50.0)))
+    return scalars
 
 
 @torch.no_grad()
 def evaluate(
-    model, val_batches, domains: list[str], groups: list[list[int]], cfg, device, autocast, dp=None
-) -> tuple[dict, dict]:
-    """Returns (scalars for metrics.jsonl, arrays for routing/step_*.npz).
+    model, val_batches, domains: list[str], groups: list[list[int]], device, autocast, group: ProcessGroup | None = None
+) -> tuple[dict, RoutingTables | None]:
+    """Returns (scalars for metrics.jsonl, the routing tables with reference counts; None without MoE layers).
 
-    ``dp`` (train/distributed.py): each rank evaluates every N-th batch and the sums
-    are reduced, so every rank returns the numbers of the whole validation set.
+    ``group`` (data-parallel ranks): each rank evaluates every N-th batch and the
+    sums are reduced, so every rank returns the numbers of the whole validation set.
     """
-    rank, world = (dp.rank, dp.world_size) if dp is not None else (0, 1)
+    group = group or LocalGroup()
     was_training = model.training
     model.eval()
     n_layers = len(model.moe_layers)
-    E, k = cfg.model.n_experts, cfg.routing.top_k
-    recorder = RoutingRecorder(max(n_layers, 1), E, len(domains), device)
+    cfg = model.cfg
+    recorder = RoutingRecorder(max(n_layers, 1), cfg.model.n_experts, len(domains), device)
     loss_sum = np.zeros(len(domains))
     tok_sum = np.zeros(len(domains))
-    for name, inp, tgt, dom in val_batches[rank::world]:
+    for name, inp, tgt, dom in val_batches[group.rank :: group.world_size]:
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
         ctx = RoutingContext(
-            training=False,
-            seq_len=inp.shape[1],
-            domain_ids_T=dom.reshape(-1),
-            recorder=recorder if n_layers else None,
-            capacity_factor=cfg.balance.eval_capacity_factor,
+            training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1), recorder=recorder if n_layers else None
         )
         with autocast():
             out = model(inp, ctx)
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), tgt.reshape(-1), ignore_index=-100, reduction="sum")
-        d = domains.index(name)
-        loss_sum[d] += ce.item()
-        tok_sum[d] += (tgt != -100).sum().item()
+        ce = F.cross_entropy(
+            out.logits.float().flatten(0, 1), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        c = domains.index(name)
+        loss_sum[c] += ce.item()
+        tok_sum[c] += (tgt != IGNORE_INDEX).sum().item()
     if was_training:
         model.train()
-    if world > 1:
-        sums = dp.sum({"loss": torch.from_numpy(loss_sum), "tok": torch.from_numpy(tok_sum)})
-        loss_sum, tok_sum = sums["loss"].numpy(), sums["tok"].numpy()
-    tables = recorder.tables() if world == 1 else dp.sum(recorder.tables())
-    present = tok_sum > 0
-    scalars: dict[str, float] = {"val/loss": float(loss_sum[present].sum() / tok_sum[present].sum())}
-    # Per-domain losses are averaged with equal domain weight in val/loss_balanced.
-    per_domain = loss_sum[present] / tok_sum[present]
-    scalars["val/loss_balanced"] = float(per_domain.mean())
-    for d, name in enumerate(domains):
-        if present[d]:
-            scalars[f"val/loss/{name}"] = float(loss_sum[d] / tok_sum[d])
-            scalars[f"val/ppl/{name}"] = float(math.exp(min(loss_sum[d] / tok_sum[d], 50.0)))
-    arrays: dict = {}
-    if n_layers:
-        t = {key: v.numpy() for key, v in tables.items()}
-        counts = t["counts"]
-        ref = np.stack([reference_counts(t["tokens"][l] * k, groups, E) for l in range(n_layers)])
-        scalars.update(
-            routing_scalars(
-                counts,
-                model.moe_layer_names,
-                drops_LD=t["drops"],
-                gate_mass_sum_LD=t["gate_mass_sum"],
-                tokens_LD=t["tokens"],
-                ref_counts_LED=ref,
-                prefix="val/",
-            )
-        )
-        arrays = dict(t, ref_counts=ref)
-    return scalars, arrays
+    if group.world_size > 1:
+        loss_sum = group.all_reduce_sum(torch.from_numpy(loss_sum)).numpy()
+        tok_sum = group.all_reduce_sum(torch.from_numpy(tok_sum)).numpy()
+    scalars = loss_scalars(loss_sum, tok_sum, domains)
+    if not n_layers:
+        return scalars, None
+    tables = recorder.tables(group).with_reference(groups, cfg.routing.top_k)
+    scalars.update(tables.scalars(model.moe_layer_names, prefix="val/"))
+    return scalars, tables

@@ -1,28 +1,10 @@
-"""Building blocks of a run shared by the trainer and the benchmark: device, autocast, optimizer, name."""
+"""Building blocks of a run shared by the trainer and the benchmark: the optimizer and the run name."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from moe_testbed.config import Config, ConfigError
-
-
-def resolve_device(name: str, option: str = "train.device=") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``option`` names the setting in the error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option}cuda but no CUDA device is available: use {option}auto or {option}cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+from moe_testbed.config import Config
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:

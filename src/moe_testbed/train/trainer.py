@@ -14,38 +14,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moe_testbed.allocator import keep_freed_memory
-from moe_testbed.analysis.metrics import routing_scalars
-from moe_testbed.analysis.tensorboard import ScalarLogger
 from moe_testbed.config import Config
 from moe_testbed.data import ensure_mix
-from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
+from moe_testbed.data.loader import TrainLoader, val_batches
+from moe_testbed.devices import autocast_for
+from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
-from moe_testbed.routing.base import RoutingContext
 from moe_testbed.routing.groups import describe_groups, reference_groups
+from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.registry import ROUTERS
-from moe_testbed.routing.stats import RoutingRecorder
+from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
 from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_testbed.train.distributed import DataParallel, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.progress import Progress
-from moe_testbed.train.run_state import RunState
 from moe_testbed.train.schedule import lr_at
-from moe_testbed.train.setup import autocast_for, build_optimizer, default_run_name
-
-
-def _savez(path: Path, arrays: dict) -> None:
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-
+from moe_testbed.train.setup import build_optimizer, default_run_name
+from moe_testbed.train.state import LogWindow, TrainState, checkpoint_payload, fold_partial_stats, restore, rng_state
+from moe_testbed.train.step import micro_step, optimizer_step
+from moe_testbed.train.tensorboard import ScalarLogger
 
 TRAIN_ROUTING_KEYS = ("drop_rate/mean", "util/mean", "purity/mean")
 
 
-class Trainer(RunState):
+class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, dp: DataParallel | None = None, log=print):
         """``dp``: this process's place in a data-parallel run (distributed.py); None = alone."""
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
@@ -60,37 +55,25 @@ class Trainer(RunState):
         self.autocast = autocast_for(self.device, t.dtype)
         self.mix = ensure_mix(cfg.data)
         self.domains = self.mix.domains
-        self.train_domains = cfg.data.domains or self.domains
         torch.manual_seed(t.seed)
-        info = {
-            "domains": self.domains,
-            "token_frequencies": self.mix.token_frequencies,
-            "vocab_size": self.mix.vocab_size,
-        }
         self.groups = reference_groups(self.domains, cfg.model.n_experts, cfg.routing.top_k, cfg.routing.groups)
-        info["groups"] = self.groups
+        info = {"domains": self.domains, "groups": self.groups, "token_frequencies": self.mix.token_frequencies,
+                "vocab_size": self.mix.vocab_size}  # fmt: skip
         self.model = Transformer(cfg, self.mix.vocab_size, info).to(self.device)
         self.dp.broadcast_model(self.model)
         if self.world_size > 1:  # same weights everywhere, but each rank its own router noise
             torch.manual_seed(self.dp.rank_seed(t.seed))
         self.optimizer = build_optimizer(self.model, cfg)
-        self.loader = self.mix.train_loader(
-            cfg.data.seq_len, t.micro_batch_size, t.seed, packing=cfg.data.packing, weights=cfg.data.weights,
+        self.loader = TrainLoader(
+            self.mix, cfg.data.seq_len, t.micro_batch_size, t.seed, packing=cfg.data.packing, weights=cfg.data.weights,
             domains=cfg.data.domains, rank=self.rank, world_size=self.world_size,
         )  # fmt: skip
-        self.val_batches = self.mix.val_batches(
-            cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.tokens_per_domain, cfg.data.domains
+        self.val_batches = val_batches(
+            self.mix, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.tokens_per_domain, cfg.data.domains
         )
-        n_moe = len(moe_layer_indices(cfg))
-        self.recorder = RoutingRecorder(max(n_moe, 1), cfg.model.n_experts, len(self.domains), self.device)
-        self.since_eval = np.zeros((max(n_moe, 1), cfg.model.n_experts, len(self.domains)), dtype=np.int64)
-        self.step = 0
-        self.tokens = 0
-        self.window = self._empty_window()
-        # Routing means of the last training log (drops happen in training: evaluation is
-        # dropless unless balance.eval_capacity_factor is set); summary.json carries them.
-        self.train_routing: dict[str, float] = {}
-        self.train_time, self.train_tokens = 0.0, 0  # this process's measured throughput
+        n_moe = max(len(moe_layer_indices(cfg)), 1)
+        self.recorder = RoutingRecorder(n_moe, cfg.model.n_experts, len(self.domains), self.device)
+        self.state = TrainState(since_eval=np.zeros((n_moe, cfg.model.n_experts, len(self.domains)), dtype=np.int64))
         self.params = count_params(self.model)
         self.warnings: list[str] = []
         if not cfg.model.dense and not ROUTERS[cfg.routing.router].causal:
@@ -98,25 +81,18 @@ class Trainer(RunState):
                 f"routing.router={cfg.routing.router} is not causal: a token's expert depends on other tokens of the "
                 "batch, which a causal LM cannot see at inference; compare its loss with care"
             )
-        self.wall_start = time.time()
-
-    def _wall(self) -> float:
-        return time.time() - self.wall_start
-
-    @staticmethod
-    def _empty_window() -> dict:
-        return {"loss": 0.0, "aux": {}, "n": 0, "tokens": 0, "time": 0.0}
 
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return False
-        state = load_checkpoint(ckpt, self.model)
+        payload = load_checkpoint(ckpt, self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.load_state_dict(state)
+        restore(payload, self.state, self.optimizer, self.loader, self.recorder, self.model, self.dp,
+                self.cfg.train.seed)  # fmt: skip
         if self.rank == 0:
-            self._truncate_metrics(self.step)
-        self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.step})")
+            self._truncate_metrics(self.state.step)
+        self.log(f"resumed {self.run_dir} from {ckpt.name} (step {self.state.step})")
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -144,7 +120,7 @@ class Trainer(RunState):
     def _write_summary(self, status: str, final: dict | None = None) -> None:
         if self.rank != 0:
             return
-        wall = self._wall()
+        s = self.state
         atomic_write_json(
             self.run_dir / "summary.json",
             {
@@ -152,13 +128,13 @@ class Trainer(RunState):
                 "params_total": self.params["total"],
                 "params_active": self.params["active"],
                 "params_embedding": self.params["embedding"],
-                "tokens": self.tokens,
-                "steps": self.step,
+                "tokens": s.tokens,
+                "steps": s.step,
                 "world_size": self.world_size,
-                "wall_s": round(wall, 2),
-                "tokens_per_s": round(self.train_tokens / max(self.train_time, 1e-9), 1),
+                "wall_s": round(s.wall(), 2),
+                "tokens_per_s": round(s.train_tokens / max(s.train_time, 1e-9), 1),
                 "final": final or {},
-                "train_routing": self.train_routing,
+                "train_routing": s.train_routing,
                 "warnings": self.warnings,
                 "reference_groups": {d: g for d, g in zip(self.domains, self.groups)},
                 "moe_layers": self.model.moe_layer_names,
@@ -166,115 +142,97 @@ class Trainer(RunState):
         )
 
     def _log_step(self, lr: float, grad_norm: float) -> None:
-        w = self.window
+        s, w = self.state, self.state.window
         # Means over ranks: every rank logs (and rank 0 writes) the numbers of the whole run.
-        sums = self.dp.sum({"loss": torch.as_tensor(w["loss"]), **{k: torch.as_tensor(v) for k, v in w["aux"].items()}})
-        w["loss"] = sums.pop("loss") / self.world_size
-        w["aux"] = {k: v / self.world_size for k, v in sums.items()}
-        loss = float(w["loss"]) / max(w["n"], 1)
-        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr}
+        sums = self.dp.sum({"loss": torch.as_tensor(w.loss), **{k: torch.as_tensor(v) for k, v in w.aux.items()}})
+        loss = float(sums.pop("loss") / self.world_size) / max(w.n, 1)
+        record = {"kind": "train", "step": s.step, "tokens": s.tokens, "loss": loss, "lr": lr}
         record["grad_norm"] = grad_norm
-        record["tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
-        for kind, value in w["aux"].items():
-            record[f"aux/{kind}"] = float(value) / max(w["n"], 1)
-        self.train_time += w["time"]
-        self.train_tokens += w["tokens"]
+        record["tokens_per_s"] = w.tokens / max(w.time, 1e-9)
+        for kind, value in sums.items():
+            record[f"aux/{kind}"] = float(value / self.world_size) / max(w.n, 1)
+        s.train_time += w.time
+        s.train_tokens += w.tokens
         if self.model.moe_layers and self.cfg.train.routing_stats:
-            t = {k: v.numpy() for k, v in self.dp.sum(self.recorder.tables()).items()}
-            self.since_eval += t["counts"]
-            record.update(
-                routing_scalars(
-                    t["counts"], self.model.moe_layer_names, drops_LD=t["drops"],
-                    gate_mass_sum_LD=t["gate_mass_sum"], tokens_LD=t["tokens"],
-                )
-            )  # fmt: skip
+            tables = self.recorder.tables(self.group)
+            s.since_eval += tables.counts
+            record.update(tables.scalars(self.model.moe_layer_names))
             self.recorder.reset()
-            self.train_routing = {f"train/{k}": record[k] for k in TRAIN_ROUTING_KEYS if k in record}
+            s.train_routing = {f"train/{k}": record[k] for k in TRAIN_ROUTING_KEYS if k in record}
         self._write_metrics(record)
-        self.progress.update(self.step, record)
-        self.window = self._empty_window()
+        self.progress.update(s.step, record)
+        s.window = LogWindow()
 
     def _evaluate(self) -> dict:
-        scalars, arrays = evaluate(
-            self.model, self.val_batches, self.domains, self.groups, self.cfg, self.device, self.autocast, self.dp
-        )
-        record = {"kind": "eval", "step": self.step, "tokens": self.tokens, **scalars}
+        s = self.state
+        scalars, tables = evaluate(self.model, self.val_batches, self.domains, self.groups, self.device,
+                                   self.autocast, self.group)  # fmt: skip
+        record = {"kind": "eval", "step": s.step, "tokens": s.tokens, **scalars}
         self._write_metrics(record)
-        if arrays and self.rank == 0:
-            path = self.run_dir / "routing" / f"step_{self.step:06d}.npz"
-            path.parent.mkdir(exist_ok=True)
-            payload = dict(
-                arrays,
-                train_counts=self.since_eval,
-                layers=np.array(self.model.moe_layer_names),
-                domains=np.array(self.domains),
-                step=np.array(self.step),
-                top_k=np.array(self.cfg.routing.top_k),
-            )
-            atomic_write(path, lambda p: _savez(p, payload))
-            self.since_eval = np.zeros_like(self.since_eval)
-        self.progress.note(f"eval step {self.step}: val loss {scalars['val/loss']:.3f}")
+        if tables is not None and self.rank == 0:
+            snap = Snapshot(s.step, self.model.moe_layer_names, self.domains, tables, self.cfg.routing.top_k,
+                            train_counts=s.since_eval)  # fmt: skip
+            save_snapshot(snapshot_path(self.run_dir, s.step), snap)
+            s.since_eval = np.zeros_like(s.since_eval)
+        self.progress.note(f"eval step {s.step}: val loss {scalars['val/loss']:.3f}")
         return record
 
+    def _checkpoint(self) -> None:
+        fold_partial_stats(self.state, self.recorder, self.dp)  # collectives: every rank joins
+        rng_ranks = self.dp.gather_objects(rng_state())
+        if self.rank == 0:
+            payload = checkpoint_payload(self.state, self.optimizer, self.loader, self.recorder, self.model, rng_ranks)
+            save_checkpoint(self.run_dir, self.state.step, self.model, payload, self.cfg.train.keep_checkpoints)
+
     # -- the loop -------------------------------------------------------------
+    def _train_step(self) -> tuple[float, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches; returns (lr, grad norm before clipping)."""
+        t, s = self.cfg.train, self.state
+        lr = lr_at(s.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss_acc = torch.zeros((), device=self.device)
+        aux_acc: dict[str, torch.Tensor] = {}
+        recorder = self.recorder if t.routing_stats else None
+        for mb in range(self.accum):
+            inp, tgt, dom = (x.to(self.device, non_blocking=True) for x in self.loader.next_batch())
+            ce, aux = micro_step(self.model, inp, tgt, dom, step=s.step, microbatch=mb, accum=self.accum,
+                                 autocast=self.autocast, group=self.group, recorder=recorder)  # fmt: skip
+            loss_acc += ce / self.accum
+            for kind, value in aux.items():
+                aux_acc[kind] = aux_acc.get(kind, 0.0) + value / self.accum
+            s.tokens += inp.numel() * self.world_size
+        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.dp)
+        s.step += 1
+        # Sums stay on the device; .item() happens only on log steps, so there is no
+        # host sync per micro-batch.
+        w = s.window
+        w.n += 1
+        w.loss = w.loss + loss_acc
+        for kind, value in aux_acc.items():
+            w.aux[kind] = w.aux.get(kind, 0.0) + value
+        w.tokens += inp.numel() * self.accum * self.world_size
+        w.time += time.perf_counter() - t0
+        return lr, grad_norm
+
     def fit(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, s = self.cfg, self.cfg.train, self.state
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.scalar_logger = ScalarLogger(self.run_dir, cfg.run.tensorboard and self.rank == 0)
-        self.progress = Progress(t.steps, cfg.run.progress, enabled=self.rank == 0, start=self.step)
+        self.progress = Progress(t.steps, cfg.run.progress, enabled=self.rank == 0, start=s.step)
         self._write_summary("running")
-        V = self.mix.vocab_size
         final: dict = {}
         try:
             self.model.train()
-            while self.step < t.steps:
-                lr = lr_at(self.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                t0 = time.perf_counter()
-                loss_acc = torch.zeros((), device=self.device)
-                aux_acc: dict[str, torch.Tensor] = {}
-                for mb in range(self.accum):
-                    inp, tgt, dom = (x.to(self.device, non_blocking=True) for x in self.loader.next_batch())
-                    ctx = RoutingContext(
-                        training=True, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1), step=self.step,
-                        microbatch=mb, tokens_in_step=inp.numel() * self.accum, group=self.group,
-                        recorder=self.recorder if t.routing_stats else None, capacity_factor=cfg.balance.capacity_factor,
-                    )  # fmt: skip
-                    with self.autocast():
-                        out = self.model(inp, ctx)
-                    ce = F.cross_entropy(out.logits.float().view(-1, V), tgt.reshape(-1), ignore_index=-100)
-                    ((ce + out.aux_loss) / self.accum).backward()
-                    loss_acc += ce.detach() / self.accum
-                    for kind, value in out.aux.items():
-                        aux_acc[kind] = aux_acc.get(kind, 0.0) + value / self.accum
-                    self.tokens += inp.numel() * self.world_size
-                self.dp.average_gradients(list(self.model.parameters()))
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.model.after_optimizer_step(self.step)
-                log_now = self.step % t.log_every == 0 or self.step == t.steps
-                # Sums stay on the device; .item() happens only on log steps,
-                # so there is no host sync per micro-batch.
-                w = self.window
-                w["n"] += 1
-                w["loss"] = w["loss"] + loss_acc
-                for kind, value in aux_acc.items():
-                    w["aux"][kind] = w["aux"].get(kind, 0.0) + value
-                w["tokens"] += inp.numel() * self.accum * self.world_size
-                w["time"] += time.perf_counter() - t0
-                if log_now:
-                    self._log_step(lr, float(grad_norm))
-                if (cfg.eval.every and self.step % cfg.eval.every == 0) or (self.step == t.steps and cfg.eval.at_end):
+            while s.step < t.steps:
+                lr, grad_norm = self._train_step()
+                if s.step % t.log_every == 0 or s.step == t.steps:
+                    self._log_step(lr, float(grad_norm))  # the one host sync per log step
+                if (cfg.eval.every and s.step % cfg.eval.every == 0) or (s.step == t.steps and cfg.eval.at_end):
                     final = self._evaluate()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    self.fold_partial_stats()  # collectives: every rank joins
-                    rng_ranks = self.dp.gather_objects(self._rng_state())
-                    if self.rank == 0:
-                        save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(rng_ranks),
-                                        t.keep_checkpoints)  # fmt: skip
+                if s.step % t.checkpoint_every == 0 or s.step == t.steps:
+                    self._checkpoint()
         except BaseException:
             self.progress.close()
             self._write_summary("failed", final)
@@ -299,7 +257,7 @@ class Trainer(RunState):
                 f"routing     {cfg.routing.router}, top-{cfg.routing.top_k} of {cfg.model.n_experts}, "
                 f"balance {cfg.balance.method} at {cfg.balance.scope} scope, capacity {cfg.balance.capacity_factor}"
             )
-            if cfg.routing.router in ("reference", "domain_guided"):
+            if ROUTERS[cfg.routing.router].uses_domain_groups:
                 lines.append(f"groups      {describe_groups(self.domains, self.groups)}")
         if self.world_size > 1:
             lines.append(

@@ -33,10 +33,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_testbed.knobs import Knob, at_least
 from moe_testbed.routing.assignment import balanced_assignment, unit_capacities
+from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.balancing.sh import log_scores
-from moe_testbed.routing.balancing.zloss import ZLossMixin
-from moe_testbed.routing.base import Balancer, RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
 from moe_testbed.routing.scope import solve_in_units
 
@@ -45,21 +46,13 @@ PRICE_ITERS = 16  # best-response price iterations before the exact repair (fewe
 
 
 @register_balancer
-class BalancedAssignment(ZLossMixin, Balancer):
+class BalancedAssignment(Balancer):
+    """Balanced linear assignment: every expert gets exactly its capacity (BASE layers)."""
+
     name = "ba"
-    description = "balanced linear assignment: every expert gets exactly its capacity"
     requires = ("scores", "any_expert")
-
-    def __init__(self, n_experts, top_k, bcfg, layer):
-        super().__init__(n_experts, top_k, bcfg, layer)
-        self.last_rounds = 0  # augmentations of the last solve, for diagnostics
-        self.last_completed = True
-
-    @classmethod
-    def check(cls, cfg) -> str | None:
-        if cfg.balance.ba_iters < 1:
-            return f"balance.ba_iters={cfg.balance.ba_iters} must be >= 1 for balance.method=ba"
-        return super().check(cfg)
+    knobs = {"ba_iters": Knob(50, int, "BA: cap on repair augmentations (then a greedy completion)", at_least(1))}
+    overhead_budget_pct = 30.0
 
     @torch.no_grad()
     def selection_scores(self, probs_TE: Tensor, ctx: RoutingContext) -> Tensor:
@@ -75,7 +68,6 @@ class BalancedAssignment(ZLossMixin, Balancer):
             U, T, E = a_UTE.shape
             cap_UE = unit_capacities(U, T, k, E, a_UTE.device, offset=offset)
             res = balanced_assignment(a_UTE, k, cap_UE, AUCTION_EPS, self.cfg.ba_iters, PRICE_ITERS, solver="repair")
-            self.last_rounds, self.last_completed = res.rounds, res.completed
             return res.idx_UTK
 
         return solve_in_units(sel_TE, ctx.seq_len, self.scope, ctx.group, solve)

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.balancing.zloss import ZLossMixin
-from moe_testbed.routing.base import Balancer, RoutingContext, valid_tokens
+from moe_testbed.knobs import Knob, positive
+from moe_testbed.routing.balancer import Balancer
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
 from moe_testbed.routing.scope import LocalGroup, scope_unit_len, unit_counts
 
@@ -47,10 +48,13 @@ def load_signs(counts_UE: Tensor) -> Tensor:
 
 
 @register_balancer
-class ExpertBias(ZLossMixin, Balancer):
+class ExpertBias(Balancer):
+    """Expert bias for selection only, updated by the sign of the load error (DeepSeek-V3)."""
+
     name = "eb"
-    description = "expert bias for selection only, updated by the sign of the load error"
     requires = ("scores",)
+    knobs = {"eb_rate": Knob(1e-3, float, "EB bias update step", positive)}
+    overhead_budget_pct = 5.0
 
     def __init__(self, n_experts, top_k, bcfg, layer):
         super().__init__(n_experts, top_k, bcfg, layer)
@@ -64,12 +68,6 @@ class ExpertBias(ZLossMixin, Balancer):
         self._last_contrib: tuple[Tensor, Tensor] | None = None
         self._group = LocalGroup()
 
-    @classmethod
-    def check(cls, cfg) -> str | None:
-        if cfg.balance.eb_rate <= 0:
-            return f"balance.eb_rate={cfg.balance.eb_rate} must be > 0 for balance.method=eb"
-        return super().check(cfg)
-
     def selection_scores(self, probs_TE: Tensor, ctx: RoutingContext) -> Tensor:
         return probs_TE + self.bias_E.to(probs_TE.dtype)
 
@@ -77,7 +75,7 @@ class ExpertBias(ZLossMixin, Balancer):
     def observe(self, idx_TK: Tensor, keep_TK: Tensor | None, ctx: RoutingContext) -> None:
         if not ctx.training:  # evaluation forwards never move the bias
             return
-        valid_T = valid_tokens(ctx)
+        valid_T = ctx.valid_T
         unit = scope_unit_len(idx_TK.shape[0], ctx.seq_len, self.scope)
         counts_UE = unit_counts(idx_TK, self.n_experts, unit, valid_T)
         if self.scope == "global":

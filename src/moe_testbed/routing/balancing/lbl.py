@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.balancing.zloss import ZLossMixin
-from moe_testbed.routing.base import Balancer, RoutingContext
+from moe_testbed.knobs import Knob, non_negative
+from moe_testbed.routing.balancer import Balancer
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
 from moe_testbed.routing.scope import unit_counts
 
@@ -38,10 +39,13 @@ def lbl_value(f_E: Tensor, P_E: Tensor, n_experts: int) -> Tensor:
 
 
 @register_balancer
-class LoadBalancingLoss(ZLossMixin, Balancer):
+class LoadBalancingLoss(Balancer):
+    """Auxiliary loss ``coeff * E * sum_e f_e P_e`` (Switch, GShard)."""
+
     name = "lbl"
-    description = "auxiliary loss coeff * E * sum_e f_e P_e"
     requires = ("learned", "scores")
+    knobs = {"coeff": Knob(0.01, float, "LBL coefficient (top-k normalised f, see docs/routing.md)", non_negative)}
+    overhead_budget_pct = 5.0
 
     def __init__(self, n_experts, top_k, bcfg, layer):
         super().__init__(n_experts, top_k, bcfg, layer)
@@ -51,10 +55,9 @@ class LoadBalancingLoss(ZLossMixin, Balancer):
         self._last_microbatch: tuple[int, int] | None = None
         self._last_contrib: tuple[Tensor, Tensor] | None = None
 
-    def losses(self, probs_TE: Tensor, logits_TE: Tensor, idx_TK: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
-        out = super().losses(probs_TE, logits_TE, idx_TK, ctx)
+    def balance_losses(self, probs_TE: Tensor, idx_TK: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
         E, k = self.n_experts, self.top_k
-        valid_T = None if ctx.domain_ids_T is None else (ctx.domain_ids_T >= 0).float()
+        valid_T = ctx.valid_T
         if self.scope == "sequence":
             S = ctx.seq_len
             B = probs_TE.shape[0] // S
@@ -74,8 +77,7 @@ class LoadBalancingLoss(ZLossMixin, Balancer):
                 counts_E, n_tok = self._accumulate(counts_E, n_tok, ctx)
             f_E = counts_E / (n_tok.clamp_min(1) * k)
             loss = lbl_value(f_E, P_E, E)
-        out["lbl"] = self.cfg.coeff * loss
-        return out
+        return {"lbl": self.cfg.coeff * loss}
 
     def _accumulate(self, counts_E: Tensor, n_tok: Tensor, ctx: RoutingContext) -> tuple[Tensor, Tensor]:
         """Add this micro-batch's (rank-summed) counts to the step buffer.

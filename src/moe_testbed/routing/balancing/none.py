@@ -1,11 +1,11 @@
 """No balancing: plain top-k on the router's scores (z-loss may still apply)."""
 
-from moe_testbed.routing.balancing.zloss import ZLossMixin
-from moe_testbed.routing.base import Balancer
+from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.registry import register_balancer
 
 
 @register_balancer
-class NoBalancing(ZLossMixin, Balancer):
+class NoBalancing(Balancer):
+    """Plain top-k on the router's scores, no auxiliary loss (z-loss may still apply)."""
+
     name = "none"
-    description = "plain top-k, no balancing"

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.balancing.zloss import ZLossMixin
-from moe_testbed.routing.base import Balancer, RoutingContext
+from moe_testbed.knobs import Knob, at_least
+from moe_testbed.routing.balancer import Balancer
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
 from moe_testbed.routing.scope import solve_in_units
 from moe_testbed.routing.sinkhorn import sinkhorn_log
@@ -37,16 +38,13 @@ def log_scores(probs_TE: Tensor) -> Tensor:
 
 
 @register_balancer
-class SinkhornBalancing(ZLossMixin, Balancer):
-    name = "sh"
-    description = "Sinkhorn-normalised scores (uniform expert marginals) before top-k"
-    requires = ("scores", "any_expert")
+class SinkhornBalancing(Balancer):
+    """Sinkhorn-normalised scores (uniform expert marginals) before top-k (S-BASE)."""
 
-    @classmethod
-    def check(cls, cfg) -> str | None:
-        if cfg.balance.sinkhorn_iters < 1:
-            return f"balance.sinkhorn_iters={cfg.balance.sinkhorn_iters} must be >= 1 for balance.method=sh"
-        return super().check(cfg)
+    name = "sh"
+    requires = ("scores", "any_expert")
+    knobs = {"sinkhorn_iters": Knob(20, int, "SH Sinkhorn iterations", at_least(1))}
+    overhead_budget_pct = 15.0
 
     @torch.no_grad()
     def selection_scores(self, probs_TE: Tensor, ctx: RoutingContext) -> Tensor:

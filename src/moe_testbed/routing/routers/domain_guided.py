@@ -19,19 +19,21 @@ unit holds only a few domains (a micro-batch of single-domain sequences).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext, require_domains
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.groups import check_explicit_groups, group_members, groups_from_info
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 class DomainGroupsMixin:
     """Loads the domain groups and turns domain ids into masks over experts."""
 
+    uses_domain_groups = True
+
     def _init_groups(self, info: dict) -> None:
-        groups = groups_from_info(info, self.n_experts, self.top_k, self.name)
+        groups = groups_from_info(info, self.n_experts, self.top_k, self.name, self.cfg.groups)
         small = [g for g in groups if len(set(g)) < self.top_k]
         if small:
             raise ValueError(f"routing.router={self.name}: group {small[0]} has fewer than top_k={self.top_k} experts")
@@ -41,8 +43,12 @@ class DomainGroupsMixin:
 
     def _domain_rows(self, ctx: RoutingContext) -> Tensor:
         """Row of member_GE for each token: its domain, or the last row (all experts) for padding."""
-        d_T = require_domains(ctx, self.name)
-        return torch.where(d_T >= 0, d_T, self.member_GE.shape[0] - 1)
+        if ctx.domain_ids_T is None:
+            raise ValueError(
+                f"routing.router={self.name} routes by domain label, but the forward got no domain ids: "
+                "pass RoutingContext(domain_ids_T=...) (the trainer and evaluation do)"
+            )
+        return ctx.domains_or(self.member_GE.shape[0] - 1)
 
     def allowed(self, ctx: RoutingContext) -> Tensor | None:
         return self.member_GE[self._domain_rows(ctx)]
@@ -54,8 +60,8 @@ class DomainGuided(DomainGroupsMixin, Router):
     offers = ("learned", "scores")
     lacking = {"any_expert": "restricts each token to its domain's experts, so uniform load is out of reach"}
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
         self._init_groups(info)
 
     @classmethod

@@ -27,8 +27,11 @@ import math
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext, RoutingDecision
+from moe_testbed.knobs import Knob, positive
+from moe_testbed.routing.context import RoutingContext
+from moe_testbed.routing.decision import RoutingDecision
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 from moe_testbed.routing.scope import solve_in_units
 
 
@@ -36,6 +39,7 @@ from moe_testbed.routing.scope import solve_in_units
 class ExpertChoice(Router):
     name = "expert_choice"
     causal = False
+    knobs = {"seq_capacity": Knob(1.0, float, "expert_choice: experts pick seq_capacity*T*k/E tokens", positive)}
     offers = ("learned",)
     lacking = {
         "scores": "lets experts choose tokens: its load is even by construction",
@@ -50,11 +54,9 @@ class ExpertChoice(Router):
                 "balance.capacity_factor and balance.eval_capacity_factor must be null for routing.router="
                 "expert_choice: each expert's capacity is routing.seq_capacity * T*k/E"
             )
-        if cfg.routing.seq_capacity <= 0:
-            return f"routing.seq_capacity={cfg.routing.seq_capacity} must be > 0"
         return super().check(cfg)
 
-    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
+    def decide(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.n_experts, self.top_k
         logits_TE = self.score(x_TD, ctx)
         probs_TE = torch.softmax(logits_TE, dim=-1)

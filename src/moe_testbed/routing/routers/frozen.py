@@ -8,23 +8,19 @@ stops: ``after_optimizer_step(step)`` sets ``requires_grad=False`` once
 frozen router, but with W kept in the optimizer's parameter list).
 """
 
-from moe_testbed.routing.base import Router
+from moe_testbed.knobs import Knob, non_negative
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 @register_router
 class Frozen(Router):
     name = "frozen"
+    knobs = {"freeze_after": Knob(100, int, "frozen: optimizer steps before the router freezes", non_negative)}
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
         self._freeze_if_due(0)
-
-    @classmethod
-    def check(cls, cfg) -> str | None:
-        if cfg.routing.freeze_after < 0:
-            return f"routing.freeze_after={cfg.routing.freeze_after} must be >= 0"
-        return super().check(cfg)
 
     @property
     def frozen(self) -> bool:

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext, RoutingDecision
+from moe_testbed.routing.context import RoutingContext
+from moe_testbed.routing.decision import RoutingDecision
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 def greedy_hash_table(freq_V: np.ndarray, n_experts: int, top_k: int) -> np.ndarray:
@@ -42,7 +44,6 @@ def greedy_hash_table(freq_V: np.ndarray, n_experts: int, top_k: int) -> np.ndar
 @register_router
 class HashRouter(Router):
     name = "hash"
-    learned = False
     offers = ()
     lacking = {
         "learned": "routes by a fixed token-id table (nothing to train)",
@@ -50,9 +51,9 @@ class HashRouter(Router):
         "any_expert": "routes by a fixed token-id table (no scores)",
     }
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
-        vocab = info.get("vocab_size")
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
+        vocab, n_experts, top_k = info.get("vocab_size"), self.n_experts, self.top_k
         if vocab is None:
             raise ValueError("routing.router=hash needs the vocabulary size: pass info={'vocab_size': V, ...}")
         # Every MoE layer uses the same table: build it once per model (info is shared).
@@ -67,7 +68,7 @@ class HashRouter(Router):
     def uses_weight(self) -> bool:
         return False
 
-    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
+    def decide(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
         if ctx.token_ids_T is None:
             raise ValueError("routing.router=hash needs the token ids: pass RoutingContext(token_ids_T=...)")
         idx_TK = self.table_VK[ctx.token_ids_T.reshape(-1)]

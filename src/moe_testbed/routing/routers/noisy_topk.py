@@ -15,23 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_testbed.routing.base import Router, RoutingContext
+from moe_testbed.knobs import Knob, non_negative
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 @register_router
 class NoisyTopK(Router):
     name = "noisy_topk"
+    knobs = {"noise_std": Knob(1.0, float, "noisy_topk: scale of the learned noise", non_negative)}
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
-        self.noise_weight = nn.Parameter(torch.zeros(n_experts, d_model))
-
-    @classmethod
-    def check(cls, cfg) -> str | None:
-        if cfg.routing.noise_std < 0:
-            return f"routing.noise_std={cfg.routing.noise_std} must be >= 0"
-        return super().check(cfg)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
+        self.noise_weight = nn.Parameter(torch.zeros(self.n_experts, self.d_model))
 
     def score(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         clean_TE = super().score(x_TD, ctx)

@@ -7,17 +7,16 @@ flow *through* the gates into the hidden states. Balancing by EB, SH or BA is
 meaningful (they act on the selection); LBL and z-loss are not (nothing learns).
 """
 
-from moe_testbed.routing.base import Router
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 @register_router
 class RandomFrozen(Router):
     name = "random_frozen"
-    learned = False
     offers = ("scores", "any_expert")
     lacking = {"learned": "is random and never trained"}
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
         self.weight.requires_grad_(False)

@@ -15,19 +15,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 @register_router
 class RandomPerStep(Router):
     name = "random_per_step"
-    learned = False
     offers = ("scores", "any_expert")
     lacking = {"learned": "is re-drawn at random every step and never trained"}
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
         self.register_buffer("seed", torch.randint(0, 2**40, ()))
         self._cache: tuple[tuple, Tensor] | None = None
         self._seed_int: int | None = None  # host copy: no device sync per forward

@@ -25,26 +25,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext, RoutingDecision
+from moe_testbed.knobs import Knob, one_of
+from moe_testbed.routing.context import RoutingContext
+from moe_testbed.routing.decision import RoutingDecision
 from moe_testbed.routing.groups import check_explicit_groups
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 from moe_testbed.routing.routers.domain_guided import DomainGroupsMixin
 
 
 @register_router
 class Reference(DomainGroupsMixin, Router):
     name = "reference"
+    knobs = {"inner": Knob("uniform", str, "reference: uniform | learned choice inside the group",
+                           one_of("uniform", "learned"))}  # fmt: skip
+    variants = (("inner=uniform", {"routing.inner": "uniform"}), ("inner=learned", {"routing.inner": "learned"}))
     lacking = {
         "learned": "with routing.inner=uniform spreads tokens round-robin over their group (nothing to train)",
         "scores": "with routing.inner=uniform spreads tokens round-robin over their group (no scores)",
         "any_expert": "restricts each token to its domain's experts, so uniform load is out of reach",
     }
 
-    def __init__(self, d_model, n_experts, top_k, rcfg, balancer, layer, info):
-        super().__init__(d_model, n_experts, top_k, rcfg, balancer, layer, info)
+    def __init__(self, cfg, balancer, layer, moe_index, info):
+        super().__init__(cfg, balancer, layer, moe_index, info)
         self._init_groups(info)
         # Padded expert lists per group row [G, g_max] and their sizes [G]; the last row is "all experts".
-        rows = [*self.groups, list(range(n_experts))]
+        rows = [*self.groups, list(range(self.n_experts))]
         g_max = max(len(g) for g in rows)
         table = torch.tensor([g + [0] * (g_max - len(g)) for g in rows], dtype=torch.long)
         self.register_buffer("table_GM", table, persistent=False)
@@ -54,16 +60,16 @@ class Reference(DomainGroupsMixin, Router):
         return self.cfg.inner == "learned"
 
     @classmethod
-    def traits(cls, cfg) -> set[str]:
+    def offered(cls, cfg) -> set[str]:
         return {"learned", "scores"} if cfg.routing.inner == "learned" else set()
 
     @classmethod
     def check(cls, cfg) -> str | None:
         return check_explicit_groups(cfg) or super().check(cfg)
 
-    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
+    def decide(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
         if self.cfg.inner == "learned":
-            return super().forward(x_TD, ctx)
+            return super().decide(x_TD, ctx)
         row_T = self._domain_rows(ctx)
         T, S, k = row_T.shape[0], ctx.seq_len, self.top_k
         # r: rank of the token among the earlier tokens of its group row in its sequence.

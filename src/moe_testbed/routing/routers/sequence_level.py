@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_testbed.routing.base import Router, RoutingContext
+from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 def prefix_mean(v_BSX: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ losses average the normalised scores ``s / sum_e s``, as DeepSeek-V3's
 sequence-wise balance loss does (Router.balance_probs).
 """
 
-from moe_testbed.routing.base import Router
 from moe_testbed.routing.registry import register_router
+from moe_testbed.routing.router import Router
 
 
 @register_router

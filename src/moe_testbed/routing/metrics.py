@@ -4,12 +4,12 @@ Pure numpy: every function takes counts that the model accumulated (numpy arrays
 or torch tensors, which are moved to the CPU) and returns plain floats. The
 definitions are those of docs/metrics.md; each docstring states its formula.
 
-Shape legend (torchtitan-style suffixes):
-    L  MoE layers            E  routed experts        D  domains
-    n_ED      routed slots of domain-d tokens processed by expert e (one layer);
+Shape legend (torchtitan-style suffixes, one alphabet for the whole package):
+    L  MoE layers            E  routed experts        C  domains (classes of the labels)
+    n_EC      routed slots of domain-c tokens processed by expert e (one layer);
               dropped slots are *not* in n, they are in drops
-    counts_LED the same for every MoE layer
-    drops_LD  slots dropped by capacity, per layer and domain
+    counts_LEC the same for every MoE layer
+    drops_LC  slots dropped by capacity, per layer and domain
     f_E       expert load shares, sum to 1
 
 An empty layer (no routed slots) gives NaN, never an exception, so that logging
@@ -39,10 +39,10 @@ def as_array(x: Any, dtype: Any = np.float64) -> np.ndarray:
 # ---- load-based metrics (utilization) -------------------------------------
 
 
-def load(n_ED: Any) -> np.ndarray:
+def load(n_EC: Any) -> np.ndarray:
     """Load shares ``f_e = sum_d n[e, d] / sum n``; all NaN when the layer is empty."""
-    n_ED = as_array(n_ED)
-    per_expert_E = n_ED.sum(axis=-1) if n_ED.ndim == 2 else n_ED
+    n_EC = as_array(n_EC)
+    per_expert_E = n_EC.sum(axis=-1) if n_EC.ndim == 2 else n_EC
     total = per_expert_E.sum()
     if total <= 0:
         return np.full(per_expert_E.shape, np.nan)
@@ -89,19 +89,19 @@ def dead_share(f_E: Any, threshold: float = DEAD_FRACTION) -> float:
 # ---- domain-based metrics (specialization) --------------------------------
 
 
-def purity(n_ED: Any) -> float:
+def purity(n_EC: Any) -> float:
     """``P = sum_e max_d n[e, d] / sum n``.
 
     The share of slots that went to an expert whose majority domain is their own.
     """
-    n_ED = as_array(n_ED)
-    total = n_ED.sum()
+    n_EC = as_array(n_EC)
+    total = n_EC.sum()
     if total <= 0:
         return math.nan
-    return float(n_ED.max(axis=1).sum() / total)
+    return float(n_EC.max(axis=1).sum() / total)
 
 
-def chance_purity(n_ED: Any) -> float:
+def chance_purity(n_EC: Any) -> float:
     """Purity of a router that ignores domains: ``P_chance = max_d m_d / M``.
 
     Such a router sends every domain to expert e in the same proportion f_e, so its
@@ -111,27 +111,27 @@ def chance_purity(n_ED: Any) -> float:
     whatever the loads. It is computed from the same table as P, so both refer to
     the same data.
     """
-    n_ED = as_array(n_ED)
-    m_D = n_ED.sum(axis=0)
-    total = m_D.sum()
+    n_EC = as_array(n_EC)
+    m_C = n_EC.sum(axis=0)
+    total = m_C.sum()
     if total <= 0:
         return math.nan
-    return float(m_D.max() / total)
+    return float(m_C.max() / total)
 
 
-def chance_counts(n_ED: Any) -> np.ndarray:
+def chance_counts(n_EC: Any) -> np.ndarray:
     """``n_chance[e, d] = f_e * m_d``: the chance table scaled to ``sum n``.
 
     Same expert loads and domain totals as ``n``, but expert and domain independent.
     """
-    n_ED = as_array(n_ED)
-    total = n_ED.sum()
+    n_EC = as_array(n_EC)
+    total = n_EC.sum()
     if total <= 0:
-        return np.zeros_like(n_ED)
-    return np.outer(n_ED.sum(axis=1), n_ED.sum(axis=0)) / total
+        return np.zeros_like(n_EC)
+    return np.outer(n_EC.sum(axis=1), n_EC.sum(axis=0)) / total
 
 
-def nmi(n_ED: Any) -> float:
+def nmi(n_EC: Any) -> float:
     """Normalized mutual information between expert and domain of a slot.
 
     ``I(e; d) = sum_{e,d} p(e,d) log(p(e,d) / (p(e) p(d)))`` with ``p = n / sum n``, and
@@ -140,22 +140,22 @@ def nmi(n_ED: Any) -> float:
     two agree exactly: 1 when only one expert and one domain occur (both entropies
     are 0), 0 when the mutual information is 0. NaN for an empty table.
     """
-    n_ED = as_array(n_ED)
-    total = n_ED.sum()
+    n_EC = as_array(n_EC)
+    total = n_EC.sum()
     if total <= 0:
         return math.nan
-    p_ED = n_ED / total
-    p_E, p_D = p_ED.sum(axis=1), p_ED.sum(axis=0)
-    if (p_E > 0).sum() == 1 and (p_D > 0).sum() == 1:
+    p_EC = n_EC / total
+    p_E, p_C = p_EC.sum(axis=1), p_EC.sum(axis=0)
+    if (p_E > 0).sum() == 1 and (p_C > 0).sum() == 1:
         return 1.0
-    if (p_E > 0).sum() == 1 or (p_D > 0).sum() == 1:
+    if (p_E > 0).sum() == 1 or (p_C > 0).sum() == 1:
         return 0.0  # one side has a single label, so I = 0 (sklearn returns 0 here too)
-    e_idx, d_idx = np.nonzero(p_ED)
-    p = p_ED[e_idx, d_idx]
-    mi = float(np.clip((p * np.log(p / (p_E[e_idx] * p_D[d_idx]))).sum(), 0.0, None))
+    e_idx, c_idx = np.nonzero(p_EC)
+    p = p_EC[e_idx, c_idx]
+    mi = float(np.clip((p * np.log(p / (p_E[e_idx] * p_C[c_idx]))).sum(), 0.0, None))
     if mi <= 1e-15:  # independent: avoid dividing rounding noise
         return 0.0
-    normalizer = (_entropy(p_E) + _entropy(p_D)) / 2.0
+    normalizer = (_entropy(p_E) + _entropy(p_C)) / 2.0
     return float(mi / max(normalizer, np.finfo(np.float64).eps))
 
 
@@ -175,25 +175,25 @@ def specialization(p: float, p_ref: float, p_chance: float, eps: float = 1e-12) 
     return float((p - p_chance) / (p_ref - p_chance))
 
 
-def reference_counts(slots_per_domain_D: Any, groups: Sequence[Sequence[int]], n_experts: int) -> np.ndarray:
-    """Counts ``n_ref[E, D]`` of the reference router on data with ``m_d`` slots per domain.
+def reference_counts(slots_per_domain_C: Any, groups: Sequence[Sequence[int]], n_experts: int) -> np.ndarray:
+    """Counts ``n_ref[E, C]`` of the reference router on data with ``m_d`` slots per domain.
 
     The reference router spreads domain d's slots evenly over its group g_d:
     ``n_ref[e, d] = m_d / |g_d|`` for e in g_d, else 0. Groups may overlap (when
     E < D * k); then an expert serves several domains and ``P_ref < 1``.
     """
-    m_D = as_array(slots_per_domain_D)
-    if len(groups) != m_D.size:
-        raise ValueError(f"groups has {len(groups)} entries but there are {m_D.size} domains")
-    n_ref_ED = np.zeros((n_experts, m_D.size))
+    m_C = as_array(slots_per_domain_C)
+    if len(groups) != m_C.size:
+        raise ValueError(f"groups has {len(groups)} entries but there are {m_C.size} domains")
+    n_ref_EC = np.zeros((n_experts, m_C.size))
     for d, group in enumerate(groups):
         experts = np.unique(np.asarray(list(group), dtype=np.int64))
         if experts.size == 0:
             raise ValueError(f"domain {d} has an empty expert group")
         if experts.min() < 0 or experts.max() >= n_experts:
             raise ValueError(f"domain {d}: expert ids {experts.tolist()} out of range [0, {n_experts})")
-        n_ref_ED[experts, d] = m_D[d] / experts.size
-    return n_ref_ED
+        n_ref_EC[experts, d] = m_C[d] / experts.size
+    return n_ref_EC
 
 
 # ---- capacity and gates ------------------------------------------------------
@@ -214,45 +214,45 @@ def gate_mass(gate_mass_sum: float, tokens: float) -> float:
 
 
 def layer_metrics(
-    n_ED: Any,
-    drops_D: Any = None,
-    gate_mass_sum_D: Any = None,
-    tokens_D: Any = None,
-    ref_ED: Any = None,
+    n_EC: Any,
+    drops_C: Any = None,
+    gate_mass_sum_C: Any = None,
+    tokens_C: Any = None,
+    ref_EC: Any = None,
 ) -> dict[str, float]:
     """Every metric of record for one layer, keyed by the short names of routing_scalars()."""
-    n_ED = as_array(n_ED)
-    if n_ED.ndim != 2:
-        raise ValueError(f"expected counts of shape [E, D], got {n_ED.shape}")
-    f_E = load(n_ED)
+    n_EC = as_array(n_EC)
+    if n_EC.ndim != 2:
+        raise ValueError(f"expected counts of shape [E, C], got {n_EC.shape}")
+    f_E = load(n_EC)
     empty = bool(np.isnan(f_E).any())
     out = {
         "util": math.nan if empty else utilization(f_E),
         "entropy": load_entropy(f_E),
         "maxvio": math.nan if empty else max_vio(f_E),
         "dead": dead_share(f_E),
-        "purity": purity(n_ED),
-        "nmi": nmi(n_ED),
-        "purity_chance": chance_purity(n_ED),
+        "purity": purity(n_EC),
+        "nmi": nmi(n_EC),
+        "purity_chance": chance_purity(n_EC),
     }
-    if drops_D is not None:
-        out["drop_rate"] = drop_rate(float(n_ED.sum()), float(as_array(drops_D).sum()))
-    if gate_mass_sum_D is not None and tokens_D is not None:
-        out["gate_mass"] = gate_mass(float(as_array(gate_mass_sum_D).sum()), float(as_array(tokens_D).sum()))
-    if ref_ED is not None:
-        p_ref = purity(ref_ED)
+    if drops_C is not None:
+        out["drop_rate"] = drop_rate(float(n_EC.sum()), float(as_array(drops_C).sum()))
+    if gate_mass_sum_C is not None and tokens_C is not None:
+        out["gate_mass"] = gate_mass(float(as_array(gate_mass_sum_C).sum()), float(as_array(tokens_C).sum()))
+    if ref_EC is not None:
+        p_ref = purity(ref_EC)
         out["purity_ref"] = p_ref
         out["specialization"] = specialization(out["purity"], p_ref, out["purity_chance"])
     return out
 
 
 def routing_scalars(
-    counts_LED: Any,
+    counts_LEC: Any,
     layer_names: list[str],
-    drops_LD: Any = None,
-    gate_mass_sum_LD: Any = None,
-    tokens_LD: Any = None,
-    ref_counts_LED: Any = None,
+    drops_LC: Any = None,
+    gate_mass_sum_LC: Any = None,
+    tokens_LC: Any = None,
+    ref_counts_LEC: Any = None,
     prefix: str = "",
 ) -> dict[str, float]:
     """Scalars ``{prefix}{metric}/{layer}`` for every layer and ``{prefix}{metric}/mean``.
@@ -263,26 +263,26 @@ def routing_scalars(
     over layers, skipping NaN (empty) layers; NaN when every layer is NaN. A model
     without MoE layers (L = 0) gives an empty dict.
     """
-    counts_LED = as_array(counts_LED)
-    if counts_LED.ndim != 3:
-        raise ValueError(f"expected counts of shape [L, E, D], got {counts_LED.shape}")
-    if len(layer_names) != counts_LED.shape[0]:
-        raise ValueError(f"{len(layer_names)} layer names for {counts_LED.shape[0]} layers")
+    counts_LEC = as_array(counts_LEC)
+    if counts_LEC.ndim != 3:
+        raise ValueError(f"expected counts of shape [L, E, C], got {counts_LEC.shape}")
+    if len(layer_names) != counts_LEC.shape[0]:
+        raise ValueError(f"{len(layer_names)} layer names for {counts_LEC.shape[0]} layers")
 
-    drops_LD = None if drops_LD is None else as_array(drops_LD)
-    ref_counts_LED = None if ref_counts_LED is None else as_array(ref_counts_LED)
-    has_gate = gate_mass_sum_LD is not None and tokens_LD is not None
-    gate_LD = as_array(gate_mass_sum_LD) if has_gate else None
-    tokens_LD = as_array(tokens_LD) if has_gate else None
+    drops_LC = None if drops_LC is None else as_array(drops_LC)
+    ref_counts_LEC = None if ref_counts_LEC is None else as_array(ref_counts_LEC)
+    has_gate = gate_mass_sum_LC is not None and tokens_LC is not None
+    gate_LC = as_array(gate_mass_sum_LC) if has_gate else None
+    tokens_LC = as_array(tokens_LC) if has_gate else None
     per_layer = [
         layer_metrics(
-            counts_LED[i],
-            drops_D=None if drops_LD is None else drops_LD[i],
-            gate_mass_sum_D=None if gate_LD is None else gate_LD[i],
-            tokens_D=None if tokens_LD is None else tokens_LD[i],
-            ref_ED=None if ref_counts_LED is None else ref_counts_LED[i],
+            counts_LEC[i],
+            drops_C=None if drops_LC is None else drops_LC[i],
+            gate_mass_sum_C=None if gate_LC is None else gate_LC[i],
+            tokens_C=None if tokens_LC is None else tokens_LC[i],
+            ref_EC=None if ref_counts_LEC is None else ref_counts_LEC[i],
         )
-        for i in range(counts_LED.shape[0])
+        for i in range(counts_LEC.shape[0])
     ]
     out: dict[str, float] = {}
     for name, metrics in zip(layer_names, per_layer):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moe_testbed.analysis import tensorboard as tb
+from moe_testbed.train import tensorboard as tb
 
 
 def test_writes_scalars(tmp_path):

@@ -1,37 +1,24 @@
-"""Typed configuration for every part of the testbed.
-
-One dataclass per component (OLMo-core style). A config is built from YAML plus
-dotted command-line overrides (``model.n_experts=16``), validated *before* any
-work starts, and written back as resolved YAML into every run directory.
-
-Validation raises :class:`ConfigError` with one line naming the key and the
-allowed values; the CLI turns it into exit code 2 without a traceback.
-"""
+"""The sections of a run's config, one dataclass per component, and their validation."""
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from moe_testbed.config.knob_section import KnobSection, check_knobs, section_dict
+from moe_testbed.config.parse import apply_overrides, build, set_dotted
+from moe_testbed.data.sampling import PACKINGS
+from moe_testbed.devices import DEVICES, DTYPES
+from moe_testbed.errors import ConfigError
+from moe_testbed.routing.names import DROP_POLICIES, SCOPES
 
-class ConfigError(ValueError):
-    """A user error in a configuration: one line, names the key and the fix."""
-
-
-# Choices shared across the product. Routers and balancers register themselves in
-# moe_testbed.routing.registry; their names are validated against that registry.
-PACKINGS = ("domain", "mixed")
-SCOPES = ("sequence", "microbatch", "global")
-DROP_POLICIES = ("probs", "position")
 DENSE_MATCH = ("active", "total")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+PROGRESS = ("auto", "bar", "log", "none")
 
 
 @dataclass
@@ -63,32 +50,27 @@ class ModelConfig:
     expert_impl: str = "auto"  # auto | loop | grouped_mm (auto: grouped matmul on CUDA)
 
 
-@dataclass
-class RoutingConfig:
+@dataclass(eq=False)
+class RoutingConfig(KnobSection):
+    KIND: ClassVar[str] = "routing"
     router: str = "softmax_topk"
     top_k: int = 2
-    renormalize: bool = True  # renormalise the k gate weights to sum to 1
-    noise_std: float = 1.0  # noisy_topk: scale of the learned noise
-    freeze_after: int = 100  # frozen: optimizer steps before the router freezes
-    groups: dict[str, list[int]] | None = None  # reference/domain_guided: domain -> experts
-    inner: str = "uniform"  # reference: uniform | learned choice inside the group
-    n_groups: int = 1  # group-limited routing: experts split into n_groups groups
-    topk_groups: int = 1  # ... and each token may use experts of this many groups
-    seq_capacity: float = 1.0  # expert_choice: experts pick capacity*T*k/E tokens
+    # domain -> experts of the reference grouping: what the reference and domain_guided routers route
+    # by, and what every run's reference counts (P_ref, specialization) assume; None = the default split
+    groups: dict[str, list[int]] | None = None
+    knobs: dict[str, Any] = field(default_factory=dict, repr=False)  # the routers' own keys
 
 
-@dataclass
-class BalanceConfig:
-    method: str = "lbl"  # none | lbl | eb | sh | ba
+@dataclass(eq=False)
+class BalanceConfig(KnobSection):
+    KIND: ClassVar[str] = "balance"
+    method: str = "lbl"  # a registered balancing method: none | lbl | eb | sh | ba | ...
     scope: str = "microbatch"  # sequence | microbatch | global
-    coeff: float = 0.01  # LBL coefficient (top-k normalised f, see docs/routing.md)
     z_loss: float = 0.0  # router z-loss coefficient, combinable with any method
-    eb_rate: float = 1e-3  # EB bias update step
-    sinkhorn_iters: int = 20  # SH Sinkhorn iterations
-    ba_iters: int = 50  # BA: cap on auction rounds (then a greedy completion)
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # capacity during evaluation
     drop_policy: str = "probs"  # probs: keep highest gates; position: keep earliest
+    knobs: dict[str, Any] = field(default_factory=dict, repr=False)  # the methods' own keys
 
 
 @dataclass
@@ -123,7 +105,7 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    expert_parallel: int = 1
+    expert_parallel: int = 1  # not implemented yet: any other value is refused
 
 
 @dataclass
@@ -147,7 +129,7 @@ class Config:
 
     # ---- conversion -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -159,7 +141,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Config:
-        return _build(cls, raw or {}, prefix="")
+        return build(cls, raw or {}, prefix="")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -182,23 +164,36 @@ class Config:
         """A copy with dotted-key overrides applied (used by studies)."""
         raw = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(raw, key, value)
-        cfg = Config.from_dict(raw)
-        return cfg
+            set_dotted(raw, key, value)
+        return Config.from_dict(raw)
 
     # ---- validation -------------------------------------------------------
     def validate(self) -> None:
         """Reject impossible combinations before any work starts."""
-        _choice("data.packing", self.data.packing, PACKINGS)
-        _choice("balance.scope", self.balance.scope, SCOPES)
-        _choice("balance.drop_policy", self.balance.drop_policy, DROP_POLICIES)
-        _choice("model.dense_match", self.model.dense_match, DENSE_MATCH)
-        _choice("train.device", self.train.device, DEVICES)
-        _choice("train.dtype", self.train.dtype, DTYPES)
-        _choice("run.progress", self.run.progress, ("auto", "bar", "log", "none"))
-        _choice("routing.inner", self.routing.inner, ("uniform", "learned"))
-        _choice("model.expert_impl", self.model.expert_impl, ("auto", "loop", "grouped_mm"))
-        m, r, b, t = self.model, self.routing, self.balance, self.train
+        for key, value, allowed in [
+            ("data.packing", self.data.packing, PACKINGS),
+            ("balance.scope", self.balance.scope, SCOPES),
+            ("balance.drop_policy", self.balance.drop_policy, DROP_POLICIES),
+            ("model.dense_match", self.model.dense_match, DENSE_MATCH),
+            ("train.device", self.train.device, DEVICES),
+            ("train.dtype", self.train.dtype, DTYPES),
+            ("run.progress", self.run.progress, PROGRESS),
+            ("model.expert_impl", self.model.expert_impl, EXPERT_IMPLS),
+        ]:
+            _choice(key, value, allowed)
+        self._validate_counts()
+        self._validate_model()
+        for section in (self.routing, self.balance):
+            check_knobs(section)
+        if not self.model.dense:
+            # Router/balancer names and their pairwise compatibility live with the
+            # implementations, so that a new method touches one place.
+            from moe_testbed.routing.registry import check_combination
+
+            check_combination(self)
+
+    def _validate_counts(self) -> None:
+        m, t = self.model, self.train
         for key, value in [
             ("model.d_model", m.d_model),
             ("model.n_layers", m.n_layers),
@@ -206,7 +201,7 @@ class Config:
             ("model.n_experts", m.n_experts),
             ("model.expert_hidden", m.expert_hidden),
             ("model.moe_every", m.moe_every),
-            ("routing.top_k", r.top_k),
+            ("routing.top_k", self.routing.top_k),
             ("data.seq_len", self.data.seq_len),
             ("train.steps", t.steps),
             ("train.micro_batch_size", t.micro_batch_size),
@@ -218,14 +213,18 @@ class Config:
         ]:
             if value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1")
+
+    def _validate_model(self) -> None:
+        m, b = self.model, self.balance
         if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
             raise ConfigError(
                 f"model.d_model={m.d_model} must be a multiple of model.n_heads={m.n_heads} "
                 "with an even head size (RoPE rotates pairs)"
             )
-        if r.top_k > m.n_experts:
+        if self.routing.top_k > m.n_experts:
             raise ConfigError(
-                f"routing.top_k={r.top_k} exceeds model.n_experts={m.n_experts}: choose top_k in 1..{m.n_experts}"
+                f"routing.top_k={self.routing.top_k} exceeds model.n_experts={m.n_experts}: "
+                f"choose top_k in 1..{m.n_experts}"
             )
         if m.moe_every > m.n_layers and not m.dense:
             raise ConfigError(
@@ -240,14 +239,13 @@ class Config:
         ]:
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}={value} must be > 0, or null for dropless")
-        if b.coeff < 0 or b.z_loss < 0:
-            raise ConfigError("balance.coeff and balance.z_loss must be >= 0")
-        if not m.dense:
-            # Router/balancer names and their pairwise compatibility live with the
-            # implementations, so that a new method touches one place.
-            from moe_testbed.routing.registry import check_combination
-
-            check_combination(self)
+        if b.z_loss < 0:
+            raise ConfigError(f"balance.z_loss={b.z_loss} must be >= 0")
+        if self.parallel.expert_parallel != 1:
+            raise ConfigError(
+                f"parallel.expert_parallel={self.parallel.expert_parallel} is not implemented yet: "
+                "experts are replicated on every rank; set parallel.expert_parallel=1"
+            )
 
 
 # ---- helpers --------------------------------------------------------------
@@ -256,107 +254,6 @@ class Config:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; allow int -> float."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # `model.x=a,b` on the command line
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a mapping")
-        return {_coerce(key, k, key_tp): _coerce(f"{key}.{k}", v, val_tp) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
-        return value
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}: allowed keys are {', '.join(prefix + n for n in names)}")
-    kwargs = {}
-    for name in names:
-        if name not in raw:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(prefix + name, raw[name], tp)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. routing.top_k=4)")
-    key, _, value = text.partition("=")
-    try:
-        parsed = yaml.safe_load(value) if value != "" else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    for text in overrides:
-        key, value = parse_override(text)
-        if "." not in key:
-            raise ConfigError(f"override {text!r} must name a section and a key, e.g. train.steps=100")
-        _set_dotted(raw, key, value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from moe_testbed.analysis import metrics as M
+from moe_testbed.routing import metrics as M
 
 # Hand example: E = 4 experts, D = 2 domains, 20 routed slots.
 #            d0  d1
@@ -19,12 +19,12 @@ from moe_testbed.analysis import metrics as M
 #   e2        0   9     load 9/20 = 0.45
 #   e3        1   0     load 1/20 = 0.05
 #   m_d       9  11
-N_ED = np.array([[6, 0], [2, 2], [0, 9], [1, 0]])
+N_EC = np.array([[6, 0], [2, 2], [0, 9], [1, 0]])
 F = np.array([0.30, 0.20, 0.45, 0.05])
 
 
 def test_load():
-    np.testing.assert_allclose(M.load(N_ED), F)
+    np.testing.assert_allclose(M.load(N_EC), F)
 
 
 def test_utilization_hand():
@@ -55,15 +55,15 @@ def test_dead_hand():
 
 def test_purity_hand():
     # max per expert: 6 + 2 + 9 + 1 = 18 of 20 -> 0.9
-    assert M.purity(N_ED) == pytest.approx(0.9)
+    assert M.purity(N_EC) == pytest.approx(0.9)
 
 
 def test_chance_purity_hand():
     # m = (9, 11), M = 20: max 11/20 = 0.55; the chance table f_e * m_d / M has the same purity.
-    assert M.chance_purity(N_ED) == pytest.approx(0.55)
-    assert M.purity(M.chance_counts(N_ED)) == pytest.approx(0.55)
-    np.testing.assert_allclose(M.chance_counts(N_ED).sum(axis=1), N_ED.sum(axis=1))
-    np.testing.assert_allclose(M.chance_counts(N_ED).sum(axis=0), N_ED.sum(axis=0))
+    assert M.chance_purity(N_EC) == pytest.approx(0.55)
+    assert M.purity(M.chance_counts(N_EC)) == pytest.approx(0.55)
+    np.testing.assert_allclose(M.chance_counts(N_EC).sum(axis=1), N_EC.sum(axis=1))
+    np.testing.assert_allclose(M.chance_counts(N_EC).sum(axis=0), N_EC.sum(axis=0))
 
 
 def test_nmi_hand():
@@ -76,8 +76,8 @@ def test_nmi_hand():
     mi = 0.30 * math.log(1 / 0.45) + 0.10 * math.log(0.10 / 0.09) + 0.10 * math.log(0.10 / 0.11)
     mi += 0.45 * math.log(1 / 0.55) + 0.05 * math.log(1 / 0.45)
     assert mi == pytest.approx(0.549509, abs=1e-6)
-    assert M.nmi(N_ED) == pytest.approx(mi / ((1.192195 + 0.688139) / 2), abs=1e-6)
-    assert M.nmi(N_ED) == pytest.approx(0.584481, abs=1e-6)
+    assert M.nmi(N_EC) == pytest.approx(mi / ((1.192195 + 0.688139) / 2), abs=1e-6)
+    assert M.nmi(N_EC) == pytest.approx(0.584481, abs=1e-6)
 
 
 def test_specialization_hand():
@@ -87,7 +87,7 @@ def test_specialization_hand():
     ref = M.reference_counts([9, 11], [[0, 1], [2, 3]], 4)
     np.testing.assert_allclose(ref, [[4.5, 0], [4.5, 0], [0, 5.5], [0, 5.5]])
     assert M.purity(ref) == 1.0
-    assert M.specialization(M.purity(N_ED), M.purity(ref), M.chance_purity(N_ED)) == pytest.approx(7 / 9)
+    assert M.specialization(M.purity(N_EC), M.purity(ref), M.chance_purity(N_EC)) == pytest.approx(7 / 9)
 
 
 def test_reference_counts_overlap():
@@ -109,15 +109,15 @@ def test_drop_rate_and_gate_mass_hand():
 
 
 def test_routing_scalars_keys_and_values():
-    counts = np.stack([N_ED, N_ED[::-1]])  # L1 is L0 with experts relabelled: same metrics
+    counts = np.stack([N_EC, N_EC[::-1]])  # L1 is L0 with experts relabelled: same metrics
     ref = np.stack([M.reference_counts([9, 11], [[0, 1], [2, 3]], 4)] * 2)
     out = M.routing_scalars(
         counts,
         ["L1", "L3"],
-        drops_LD=[[5, 0], [0, 0]],
-        gate_mass_sum_LD=[[7.2, 7.2], [8.0, 8.0]],
-        tokens_LD=[[8, 8], [8, 8]],
-        ref_counts_LED=ref,
+        drops_LC=[[5, 0], [0, 0]],
+        gate_mass_sum_LC=[[7.2, 7.2], [8.0, 8.0]],
+        tokens_LC=[[8, 8], [8, 8]],
+        ref_counts_LEC=ref,
         prefix="val/",
     )
     metrics = ["util", "purity", "nmi", "entropy", "maxvio", "dead", "drop_rate", "gate_mass", "specialization"]
@@ -135,19 +135,19 @@ def test_routing_scalars_keys_and_values():
 
 
 def test_routing_scalars_optional_keys_and_torch():
-    out = M.routing_scalars(torch.tensor(np.stack([N_ED])), ["L0"])
+    out = M.routing_scalars(torch.tensor(np.stack([N_EC])), ["L0"])
     assert set(out) == {f"{m}/{n}" for m in ("util", "purity", "nmi", "entropy", "maxvio", "dead", "purity_chance")
                         for n in ("L0", "mean")}  # fmt: skip
     assert out["purity/L0"] == pytest.approx(0.9)
     # gate mass needs both sums and token counts
-    assert "gate_mass/L0" not in M.routing_scalars(np.stack([N_ED]), ["L0"], gate_mass_sum_LD=[[1.0, 1.0]])
+    assert "gate_mass/L0" not in M.routing_scalars(np.stack([N_EC]), ["L0"], gate_mass_sum_LC=[[1.0, 1.0]])
     assert M.routing_scalars(np.zeros((0, 4, 2)), []) == {}
     with pytest.raises(ValueError):
-        M.routing_scalars(np.stack([N_ED]), ["L0", "L1"])
+        M.routing_scalars(np.stack([N_EC]), ["L0", "L1"])
 
 
 def test_empty_layer_is_nan_not_crash():
-    counts = np.stack([np.zeros((4, 2), dtype=np.int64), N_ED])
+    counts = np.stack([np.zeros((4, 2), dtype=np.int64), N_EC])
     ref = np.stack([np.zeros((4, 2)), M.reference_counts([9, 11], [[0, 1], [2, 3]], 4)])
     out = M.routing_scalars(counts, ["L0", "L1"], [[0, 0], [0, 0]], [[0.0, 0.0], [1.0, 1.0]], [[0, 0], [1, 1]], ref)
     for key in ("util", "purity", "nmi", "entropy", "maxvio", "dead", "drop_rate", "gate_mass", "specialization"):
@@ -165,35 +165,35 @@ def test_specialization_undefined_when_reference_is_chance():
     assert math.isnan(M.specialization(M.purity(n), M.purity(ref), M.chance_purity(n)))
 
 
-def _labels(n_ED: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _labels(n_EC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Expand a contingency table into one (expert, domain) label pair per slot."""
-    e_idx, d_idx = np.nonzero(n_ED)
-    reps = n_ED[e_idx, d_idx]
+    e_idx, d_idx = np.nonzero(n_EC)
+    reps = n_EC[e_idx, d_idx]
     return np.repeat(e_idx, reps), np.repeat(d_idx, reps)
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_purity_and_nmi_match_sklearn(seed):
     rng = np.random.default_rng(seed)
-    E, D = int(rng.integers(2, 12)), int(rng.integers(2, 7))
+    E, C = int(rng.integers(2, 12)), int(rng.integers(2, 7))
     # sparse-ish tables so that some experts or domains are empty, as in real routing
-    n_ED = rng.integers(0, 30, size=(E, D)) * (rng.random((E, D)) < 0.6)
-    if n_ED.sum() == 0:
-        n_ED[0, 0] = 1
-    experts, domains = _labels(n_ED)
-    assert M.nmi(n_ED) == pytest.approx(normalized_mutual_info_score(domains, experts), abs=1e-9)
-    cm_DE = contingency_matrix(domains, experts)  # classes x clusters (empty rows/columns dropped)
-    assert M.purity(n_ED) == pytest.approx(cm_DE.max(axis=0).sum() / cm_DE.sum(), abs=1e-9)
+    n_EC = rng.integers(0, 30, size=(E, C)) * (rng.random((E, C)) < 0.6)
+    if n_EC.sum() == 0:
+        n_EC[0, 0] = 1
+    experts, domains = _labels(n_EC)
+    assert M.nmi(n_EC) == pytest.approx(normalized_mutual_info_score(domains, experts), abs=1e-9)
+    cm_CE = contingency_matrix(domains, experts)  # classes x clusters (empty rows/columns dropped)
+    assert M.purity(n_EC) == pytest.approx(cm_CE.max(axis=0).sum() / cm_CE.sum(), abs=1e-9)
 
 
 @pytest.mark.parametrize(
-    "n_ED",
+    "n_EC",
     [np.array([[5, 0], [0, 0]]), np.array([[5, 3], [0, 0]]), np.array([[5, 0], [3, 0]]), np.array([[2, 2], [2, 2]])],
     ids=["one-expert-one-domain", "one-expert", "one-domain", "independent"],
 )
-def test_nmi_edge_cases_match_sklearn(n_ED):
-    experts, domains = _labels(n_ED)
-    assert M.nmi(n_ED) == pytest.approx(normalized_mutual_info_score(domains, experts), abs=1e-12)
+def test_nmi_edge_cases_match_sklearn(n_EC):
+    experts, domains = _labels(n_EC)
+    assert M.nmi(n_EC) == pytest.approx(normalized_mutual_info_score(domains, experts), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -215,11 +215,11 @@ def test_utilization_extremes():
 
 def test_reference_with_disjoint_groups_has_purity_one_and_full_utilization():
     rng = np.random.default_rng(0)
-    E, D, k = 16, 8, 2
-    groups = [list(range(d * k, (d + 1) * k)) for d in range(D)]
-    ref = M.reference_counts(np.full(D, 1000), groups, E)
+    E, C, k = 16, 8, 2
+    groups = [list(range(d * k, (d + 1) * k)) for d in range(C)]
+    ref = M.reference_counts(np.full(C, 1000), groups, E)
     assert M.purity(ref) == 1.0
     assert M.utilization(M.load(ref)) == pytest.approx(1.0)
     assert M.nmi(ref) == pytest.approx(2 * math.log(8) / (math.log(16) + math.log(8)))  # I = H(d); H(e) = ln 16
     # imbalanced domains keep purity 1
-    assert M.purity(M.reference_counts(rng.integers(1, 100, D), groups, E)) == 1.0
+    assert M.purity(M.reference_counts(rng.integers(1, 100, C), groups, E)) == 1.0
