@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from moe_testbed import __version__
-from moe_testbed.errors import UserError
+from moe_testbed.errors import exit_status
 
 # Nothing in the product may reach the network at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

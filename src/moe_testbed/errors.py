@@ -10,6 +10,9 @@ to know only this base class.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message is one line naming the problem and the fix."""
@@ -17,3 +20,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A user error in a configuration: one line, names the key and the fix."""
+
+
+def exit_status(command: Callable[[], int | None]) -> int:
+    """Run a command: a UserError prints ``error: <message>`` and gives 2, Ctrl-C gives 130."""
+    try:
+        return int(command() or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

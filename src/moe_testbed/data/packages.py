@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from moe_testbed.data.errors import DataError
 from moe_testbed.io import atomic_write_json, sha256_file
@@ -52,33 +53,34 @@ class Deb:
 
 
 @dataclass(frozen=True)
-class PyPI:
+class _Artifact:
+    """A file pinned by name, version and sha256 in a package registry."""
+
     name: str
     version: str
     filename: str
     sha256: str
+    REGISTRY: ClassVar[str]  # key prefix and label
+    SEP: ClassVar[str]  # between name and version, as the registry writes it
 
     @property
     def key(self) -> str:
-        return f"pypi:{self.name}=={self.version}"
+        return f"{self.REGISTRY.lower()}:{self.name}{self.SEP}{self.version}"
 
     def spec(self) -> str:
-        return f"{self.name}=={self.version} (PyPI {self.filename})"
+        return f"{self.name}{self.SEP}{self.version} ({self.REGISTRY} {self.filename})"
 
 
 @dataclass(frozen=True)
-class Npm:
-    name: str
-    version: str
-    filename: str
-    sha256: str
+class PyPI(_Artifact):
+    REGISTRY: ClassVar[str] = "PyPI"
+    SEP: ClassVar[str] = "=="
 
-    @property
-    def key(self) -> str:
-        return f"npm:{self.name}@{self.version}"
 
-    def spec(self) -> str:
-        return f"{self.name}@{self.version} (npm {self.filename})"
+@dataclass(frozen=True)
+class Npm(_Artifact):
+    REGISTRY: ClassVar[str] = "npm"
+    SEP: ClassVar[str] = "@"
 
 
 Requirement = Deb | PyPI | Npm

@@ -96,19 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m moe_testbed.study.cli SPEC ...``: the study command on its own."""
     import sys
 
-    from moe_testbed.errors import UserError
+    from moe_testbed.errors import exit_status
 
     parser = argparse.ArgumentParser(prog="moe-testbed")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["study", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.func(args))
 
 
 __all__ = ["StudyError", "register", "run_command"]
