@@ -35,7 +35,7 @@ def lsa_optimum(a_TE: np.ndarray, cap_E: np.ndarray) -> float:
 
 def solve(a_TE: torch.Tensor, k: int, eps=1e-3, **kw):
     T, E = a_TE.shape
-    cap = unit_capacities(1, T, k, E, "cpu")
+    cap = unit_capacities(torch.arange(1), T, k, E)
     res = balanced_assignment(a_TE[None], k, cap, eps=eps, **kw)
     return res, res.idx_UTK[0], cap[0]
 
@@ -136,7 +136,7 @@ def test_ba_hand_example(solver):
 
 
 def test_ba_remainder_is_spread_and_rotates():
-    cap = unit_capacities(5, 10, 1, 4, "cpu")  # 10 slots over 4 experts: 2 experts get 3
+    cap = unit_capacities(torch.arange(5), 10, 1, 4)  # 10 slots over 4 experts: 2 experts get 3
     assert (cap.sum(1) == 10).all()
     assert sorted(cap[0].tolist()) == [2, 2, 3, 3]
     assert (cap.sum(0).max() - cap.sum(0).min()) <= 2  # over units no expert is favoured
@@ -151,7 +151,7 @@ def test_ba_batched_units_and_duplicate_tokens(solver):
     # Identical tokens (ties everywhere) and several units solved at once.
     U, T, E, k = 3, 32, 4, 2
     a = torch.randn(U, 1, E).log_softmax(-1).expand(U, T, E).contiguous()
-    cap = unit_capacities(U, T, k, E, "cpu")
+    cap = unit_capacities(torch.arange(U), T, k, E)
     res = balanced_assignment(a, k, cap, solver=solver)
     for u in range(U):
         check_feasible(res.idx_UTK[u], cap[u])

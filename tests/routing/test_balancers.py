@@ -41,7 +41,8 @@ def balancer(method, scope="microbatch", E=4, k=2, **bal):
 
 
 def ctx(training=True, S=8, **kw):
-    return RoutingContext(training=training, seq_len=S, **kw)
+    """One forward holding the whole step (exact global scope) unless told otherwise."""
+    return RoutingContext(training=training, seq_len=S, **{"whole_step": True, **kw})
 
 
 # -- z-loss ---------------------------------------------------------------------------

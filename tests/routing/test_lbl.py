@@ -37,25 +37,72 @@ def test_matches_transformers_mixtral_times_k():
     torch.testing.assert_close(ours * k, theirs)
 
 
-def test_global_scope_equals_microbatch_scope_over_concatenation():
+class FakeGroup:
+    """Rank ``rank`` of two whose peer holds ``peer_sum``: all-reduce adds it."""
+
+    world_size = 2
+
+    def __init__(self, rank, peer_sum):
+        self.rank, self.peer_sum = rank, peer_sum
+
+    def all_reduce_sum(self, t):
+        return t + self.peer_sum
+
+
+def test_global_scope_is_the_formula_over_the_whole_step_on_one_or_two_ranks():
     torch.manual_seed(0)
     E, k, T, N = 8, 2, 16, 4
-    mbs = [torch.randn(T, E).softmax(-1) for _ in range(N)]
-    idxs = [p.topk(k, -1).indices for p in mbs]
-    glob = make("global", E, k)
-    for i, (p, idx) in enumerate(zip(mbs, idxs)):
-        glob.losses(p, p.log(), idx, RoutingContext(training=True, seq_len=T, microbatch=i))
-    # f of the last micro-batch's loss comes from all N micro-batches.
-    f_global = glob.step_counts_E / (glob.step_tokens * k)
-    cat_idx = torch.cat(idxs)
-    f_cat = torch.bincount(cat_idx.reshape(-1), minlength=E).float() / (N * T * k)
-    torch.testing.assert_close(f_global, f_cat)
-    # A re-run of the same micro-batch (activation recomputation) is not counted twice.
-    p, idx = mbs[-1], idxs[-1]
-    glob.losses(p, p.log(), idx, RoutingContext(training=True, seq_len=T, microbatch=N - 1))
-    torch.testing.assert_close(glob.step_counts_E / (glob.step_tokens * k), f_cat)
-    glob.after_optimizer_step()
-    assert glob.step_tokens.item() == 0 and glob.step_counts_E.sum().item() == 0
+    probs = torch.randn(N * T, E).softmax(-1)  # the step: N micro-batches of T tokens
+    idx = probs.topk(k, -1).indices
+    f = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * T * k)
+    want = E * (f * probs.mean(0)).sum()
+    one = RoutingContext(training=True, seq_len=T, microbatch_size=1, whole_step=True)
+    torch.testing.assert_close(make("global", E, k).losses(probs, None, idx, one)["lbl"], want)
+    # Two ranks, each forwarding its half of the step: the counts are all-reduced inside the forward,
+    # and the mean of the two losses (what averaged gradients follow) is the loss of the step.
+    halves = [slice(0, N * T // 2), slice(N * T // 2, N * T)]
+    mine = [torch.cat((torch.bincount(idx[h].reshape(-1), minlength=E).float(), torch.tensor([N * T / 2.0])))
+            for h in halves]  # fmt: skip
+    losses = []
+    for r, h in enumerate(halves):
+        ctx = RoutingContext(training=True, seq_len=T, microbatch_size=1, whole_step=True,
+                             group=FakeGroup(r, mine[1 - r]))  # fmt: skip
+        losses.append(make("global", E, k).losses(probs[h], None, idx[h], ctx)["lbl"])
+    torch.testing.assert_close((losses[0] + losses[1]) / 2, want)
+
+
+def test_global_scope_carried_uses_the_previous_steps_whole_step_f():
+    torch.manual_seed(1)
+    E, k, T, N = 8, 2, 16, 4
+    lbl = make("global", E, k)
+    steps = [torch.randn(N * T, E).softmax(-1) for _ in range(2)]
+    idxs = [p.topk(k, -1).indices for p in steps]
+    for step, (p, idx) in enumerate(zip(steps, idxs)):  # each step in N forwards of one micro-batch
+        for mb in range(N):
+            rows = slice(mb * T, (mb + 1) * T)
+            ctx = RoutingContext(training=True, seq_len=T, step=step, microbatch=mb)
+            loss = lbl.losses(p[rows], None, idx[rows], ctx)["lbl"]
+            if step == 1:  # f of the whole previous step, P of this forward
+                f0 = torch.bincount(idxs[0].reshape(-1), minlength=E).float() / (N * T * k)
+                torch.testing.assert_close(loss, E * (f0 * p[rows].mean(0)).sum())
+            if mb == N - 1:  # a re-run of the same forward (activation recomputation) is not counted twice
+                lbl.losses(p[rows], None, idx[rows], ctx)
+        lbl.after_optimizer_step()
+        f_step = torch.bincount(idx.reshape(-1), minlength=E).float() / (N * T * k)
+        torch.testing.assert_close(lbl.carried_f_E, f_step)
+        assert lbl.step_counts_E.sum().item() == 0
+
+
+def test_microbatch_scope_in_a_forward_of_several_micro_batches_is_their_mean():
+    torch.manual_seed(2)
+    E, k, T, N = 8, 2, 16, 3
+    probs = torch.randn(N * T, E).softmax(-1)
+    idx = probs.topk(k, -1).indices
+    each = [make("microbatch", E, k).losses(probs[i * T : (i + 1) * T], None, idx[i * T : (i + 1) * T],
+                                            RoutingContext(training=True, seq_len=T))["lbl"] for i in range(N)]  # fmt: skip
+    together = make("microbatch", E, k).losses(probs, None, idx, RoutingContext(training=True, seq_len=T,
+                                                                                 microbatch_size=1))["lbl"]  # fmt: skip
+    torch.testing.assert_close(together, torch.stack(each).mean())
 
 
 def test_sequence_scope_averages_per_sequence_losses():

@@ -39,9 +39,9 @@ def test_recomputation_does_not_count_twice(method, scope):
         forward_backward(recomputed, 0, mb, recompute=True)
     for a, b in zip(plain.moe_layers, recomputed.moe_layers):
         ba, bb = a.router.balancer, b.router.balancer
-        if method == "lbl":
+        if method == "lbl":  # carried global scope: the step's counts (and tokens) for the next step's f
+            assert ba.step_counts_E.sum() > 0
             torch.testing.assert_close(ba.step_counts_E, bb.step_counts_E)
-            torch.testing.assert_close(ba.step_tokens, bb.step_tokens)
         else:
             torch.testing.assert_close(ba.acc_E, bb.acc_E)
             torch.testing.assert_close(ba.acc_n, bb.acc_n)

@@ -60,17 +60,28 @@ def batch(seed: int, B: int = 2, S: int = 8, pad: int = 2):
     return ids, ids.roll(-1, 1), dom.reshape(-1)
 
 
-def train(model: Transformer, cfg: Config, steps: int = 2, grad_accum: int = 2, B: int = 2, S: int = 8, lr=1e-2):
-    """A few AdamW steps the way the trainer takes them (train/step.py); returns the per-step losses."""
+def train(
+    model: Transformer, cfg: Config, steps: int = 2, grad_accum: int = 2, B: int = 2, S: int = 8, lr=1e-2,
+    per_forward: int | None = None,
+):  # fmt: skip
+    """A few AdamW steps the way the trainer takes them (train/step.py); returns the per-step losses.
+
+    ``per_forward`` micro-batches of B sequences go through the model at once (default: the whole step).
+    """
+    per_forward = per_forward or grad_accum
+    forwards = grad_accum // per_forward
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     for step in range(steps):
         total = 0.0
-        for mb in range(grad_accum):
-            ids, tgt, dom = batch(step * grad_accum + mb, B, S)
-            ce, aux = micro_step(model, ids, tgt, dom, step=step, microbatch=mb, accum=grad_accum)
-            total += float(ce + sum(aux.values())) / grad_accum
+        for f in range(forwards):
+            parts = [batch(step * grad_accum + f * per_forward + i, B, S) for i in range(per_forward)]
+            ids, tgt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            dom = torch.cat([p[2] for p in parts])
+            ce, aux = micro_step(model, ids, tgt, dom, step=step, microbatch=f * per_forward, accum=forwards,
+                                 microbatch_size=B, whole_step=forwards == 1)  # fmt: skip
+            total += float(ce + sum(aux.values())) / forwards
         optimizer_step(model, opt, None, step + 1)
         losses.append(total)
     return losses

@@ -1,9 +1,10 @@
 """Whole training steps of the quick model: MoE vs dense, balancing methods, routing statistics.
 
-One timed unit is one optimizer step exactly as ``train/trainer.py`` runs it:
-``grad_accum`` micro-batches of forward (under autocast on CUDA), cross-entropy
-+ auxiliary losses, backward; gradient clipping; AdamW (foreach); zero_grad;
-``after_optimizer_step`` (EB's bias update, LBL's global buffers). The data are
+One timed unit is one optimizer step exactly as ``train/trainer.py`` runs it
+(train/step.py): ``grad_accum`` micro-batches, forwarded ``train.forward_microbatches``
+at a time (by default the whole step in one forward), under autocast on CUDA,
+cross-entropy + auxiliary losses, backward; gradient clipping; AdamW (foreach);
+zero_grad; ``after_optimizer_step`` (EB's bias update, carried statistics). The data are
 random token ids of the configured vocabulary (8192) with a domain label per
 sequence, generated once up front: data loading is not part of a step. The
 routing recorder is on, as in training (``train.routing_stats=true``), except
@@ -27,7 +28,7 @@ from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.train.setup import build_optimizer
-from moe_testbed.train.step import micro_step, optimizer_step
+from moe_testbed.train.step import forward_microbatches, micro_step, optimizer_step
 
 N_DOMAINS = 8
 
@@ -67,17 +68,18 @@ def make_train_step(cfg: Config, setup: StepSetup, stats: bool = True):
     n_moe = len(moe_layer_indices(cfg))
     recorder = RoutingRecorder(max(n_moe, 1), cfg.model.n_experts, N_DOMAINS, dev) if stats and n_moe else None
     B, S, A = cfg.train.micro_batch_size, cfg.data.seq_len, setup.grad_accum
+    n = forward_microbatches(cfg.train.forward_microbatches, A, B * S)  # as the trainer chunks the step
     gen = torch.Generator().manual_seed(setup.seed + 1)
-    batches = []
-    for mb in range(A):
-        tokens = torch.randint(0, V, (B, S + 1), generator=gen)
-        dom = (torch.arange(B) + mb * B) % N_DOMAINS  # single-domain sequences, as data.packing=domain
-        batches.append((tokens[:, :-1].to(dev), tokens[:, 1:].to(dev), dom[:, None].expand(B, S).to(dev)))
+    tokens = torch.randint(0, V, (A * B, S + 1), generator=gen)
+    dom = (torch.arange(A * B) % N_DOMAINS)[:, None].expand(A * B, S)  # single-domain sequences, as packing=domain
+    forwards = [tuple(x[f * n * B : (f + 1) * n * B].to(dev) for x in (tokens[:, :-1], tokens[:, 1:], dom))
+                for f in range(A // n)]  # fmt: skip
     state = {"step": 0}
 
     def step():
-        for mb, (inp, tgt, dom) in enumerate(batches):
-            micro_step(model, inp, tgt, dom, step=state["step"], microbatch=mb, accum=A, autocast=setup.autocast,
+        for f, (inp, tgt, dom_BS) in enumerate(forwards):
+            micro_step(model, inp, tgt, dom_BS, step=state["step"], microbatch=f * n, accum=len(forwards),
+                       microbatch_size=B, whole_step=len(forwards) == 1, autocast=setup.autocast,
                        recorder=recorder)  # fmt: skip
         state["step"] += 1
         optimizer_step(model, opt, cfg.train.grad_clip, state["step"])

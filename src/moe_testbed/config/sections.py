@@ -14,7 +14,7 @@ from moe_testbed.config.parse import apply_overrides, build, set_dotted
 from moe_testbed.data.sampling import PACKINGS
 from moe_testbed.devices import DEVICES, DTYPES
 from moe_testbed.errors import ConfigError
-from moe_testbed.routing.names import DROP_POLICIES, SCOPES
+from moe_testbed.routing.names import CAPACITY_SCOPES, DROP_POLICIES, SCOPES
 
 DENSE_MATCH = ("active", "total")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
@@ -29,6 +29,7 @@ class DataConfig:
     packing: str = "domain"  # domain: one domain per sequence; mixed: documents of any domain
     weights: str | None = None  # None = balanced; "zipf" | "zipf:1.2" | "name=w,name=w"
     domains: list[str] | None = None  # restrict training to these domains of the mix
+    microbatch_domains: int | None = None  # distinct domains per micro-batch; None: each row drawn on its own
     auto_build: bool = True  # build the preset mix on first use
 
 
@@ -69,6 +70,7 @@ class BalanceConfig(KnobSection):
     z_loss: float = 0.0  # router z-loss coefficient, combinable with any method
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # capacity during evaluation
+    capacity_scope: str = "microbatch"  # the capacity unit, independent of scope: microbatch | sequence
     drop_policy: str = "probs"  # probs: keep highest gates; position: keep earliest
     knobs: dict[str, Any] = field(default_factory=dict, repr=False)  # the methods' own keys
 
@@ -78,6 +80,9 @@ class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step over all data-parallel ranks together
+    # micro-batches a rank forwards at once (they stay the units of microbatch scope); None: the whole
+    # step when it fits train/step.py's budget. Exact global scope needs the whole step in one forward.
+    forward_microbatches: int | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -174,6 +179,7 @@ class Config:
             ("data.packing", self.data.packing, PACKINGS),
             ("balance.scope", self.balance.scope, SCOPES),
             ("balance.drop_policy", self.balance.drop_policy, DROP_POLICIES),
+            ("balance.capacity_scope", self.balance.capacity_scope, CAPACITY_SCOPES),
             ("model.dense_match", self.model.dense_match, DENSE_MATCH),
             ("train.device", self.train.device, DEVICES),
             ("train.dtype", self.train.dtype, DTYPES),

@@ -21,7 +21,9 @@ Packing:
 
 Domains are drawn per row with probabilities from ``weights``: balanced by
 default, ``zipf`` / ``zipf:A`` (domain i of the selection gets 1/(i+1)^A), or
-``name=w,name=w`` (unlisted domains keep weight 1).
+``name=w,name=w`` (unlisted domains keep weight 1). With ``batch_domains``
+(``data.microbatch_domains``) a batch first draws that many distinct domains
+and its rows take them in turn, so that a micro-batch holds exactly that mix.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TrainLoader:
         domains: list[str] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        batch_domains: int | None = None,
     ) -> None:
         if packing not in PACKINGS:
             raise DataError(f"packing {packing!r} is not allowed: choose one of {', '.join(PACKINGS)}")
@@ -64,6 +67,11 @@ class TrainLoader:
         self.mix, self.seq_len, self.batch_size, self.seed = mix, seq_len, batch_size, int(seed)
         self.packing, self.weights, self.rank, self.world_size = packing, weights, rank, world_size
         self.names = mix.select(domains)
+        if batch_domains is not None and not 1 <= batch_domains <= len(self.names):
+            raise DataError(
+                f"data.microbatch_domains={batch_domains} must be in 1..{len(self.names)} (the selected domains)"
+            )
+        self.batch_domains = batch_domains
         self.ids = [mix.domain_id(n) for n in self.names]
         self.probs = parse_weights(weights, self.names)
         self.ranges = [mix.domain_range("train", n) for n in self.names]
@@ -106,7 +114,11 @@ class TrainLoader:
     def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``index`` of this rank (a pure function of seed, index and rank)."""
         rng = self._rng(index)
-        rows = rng.choice(len(self.names), size=self.batch_size, p=self.probs)
+        if self.batch_domains is None:  # each row's domain on its own
+            rows = rng.choice(len(self.names), size=self.batch_size, p=self.probs)
+        else:  # `batch_domains` distinct domains, the rows spread over them in turn
+            chosen = rng.choice(len(self.names), size=self.batch_domains, replace=False, p=self.probs)
+            rows = chosen[np.arange(self.batch_size) % self.batch_domains]
         row_fn = self._domain_row if self.packing == "domain" else self._mixed_row
         toks, doms = zip(*(row_fn(rng, int(k)) for k in rows))
         t = torch.from_numpy(np.stack(toks))
@@ -134,6 +146,7 @@ class TrainLoader:
             "domains": list(self.names),
             "rank": self.rank,
             "world_size": self.world_size,
+            "batch_domains": self.batch_domains,
         }
 
     def load_state_dict(self, d: dict) -> None:

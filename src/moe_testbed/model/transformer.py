@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_testbed.model.ffn import SwiGLU
+from moe_testbed.model.head import linear_cross_entropy
 from moe_testbed.model.moe import MoELayer
 from moe_testbed.model.params import dense_hidden_for
 from moe_testbed.routing.context import RoutingContext
@@ -67,9 +68,10 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, S, V]
+    logits: Tensor | None  # [B, S, V]; None when the forward was given targets
     aux_loss: Tensor  # scalar: sum of every MoE layer's balancing losses
     aux: dict[str, Tensor]  # per kind ("lbl", "z"), summed over layers, detached
+    loss: Tensor | None = None  # mean cross-entropy against the targets, when given (head.py)
 
 
 def moe_layer_indices(cfg) -> list[int]:
@@ -112,7 +114,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, input_ids_BS: Tensor, ctx: RoutingContext | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids_BS: Tensor, ctx: RoutingContext | None = None, targets_BS: Tensor | None = None
+    ) -> ModelOutput:
+        """Logits [B, S, V]; or, given targets, their mean cross-entropy without ever forming the logits."""
         B, S = input_ids_BS.shape
         if ctx is None:
             ctx = RoutingContext(training=self.training, seq_len=S)
@@ -123,14 +128,18 @@ class Transformer(nn.Module):
         x = self.embed(input_ids_BS)
         for block in self.blocks:
             x = block(x, cos_SF, sin_SF, ctx)
-        logits = self.lm_head(self.norm(x))
-        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        h = self.norm(x)
+        if targets_BS is None:
+            logits, loss = self.lm_head(h), None
+        else:
+            logits, loss = None, linear_cross_entropy(h.view(B * S, -1), self.lm_head.weight, targets_BS.reshape(-1))
+        aux_loss = h.new_zeros((), dtype=torch.float32)
         aux: dict[str, Tensor] = {}
         for layer in self.moe_layers:
             for kind, value in layer.aux_losses.items():
                 aux_loss = aux_loss + value
                 aux[kind] = aux.get(kind, 0.0) + value.detach()
-        return ModelOutput(logits=logits, aux_loss=aux_loss, aux=aux)
+        return ModelOutput(logits=logits, aux_loss=aux_loss, aux=aux, loss=loss)
 
     def after_optimizer_step(self, step: int) -> None:
         for layer in self.moe_layers:

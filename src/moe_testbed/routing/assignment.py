@@ -41,17 +41,17 @@ from torch import Tensor
 from moe_testbed.routing.repair import drop_surplus, shortest_path_repair
 
 
-def unit_capacities(n_units: int, unit_tokens: int, top_k: int, n_experts: int, device, offset: int = 0) -> Tensor:
+def unit_capacities(unit_ids_U: Tensor, unit_tokens: int, top_k: int, n_experts: int) -> Tensor:
     """Slots per expert per unit, long [U, E], each row summing to ``unit_tokens * top_k``.
 
     When ``T*K`` is not divisible by E, the remainder r goes to r experts that
-    rotate from unit to unit (and with ``offset``), so no expert is favoured.
+    rotate with the unit's id (the caller adds the step and the layer), so no
+    expert is favoured and a unit gets the same capacities whatever process solves it.
     """
     total = unit_tokens * top_k
     base, rem = divmod(total, n_experts)
-    e_E = torch.arange(n_experts, device=device)
-    u_U = torch.arange(n_units, device=device) + offset
-    extra_UE = ((e_E[None, :] - u_U[:, None] * rem) % n_experts) < rem
+    e_E = torch.arange(n_experts, device=unit_ids_U.device)
+    extra_UE = ((e_E[None, :] - unit_ids_U[:, None] * rem) % n_experts) < rem
     return base + extra_UE.long()
 
 

@@ -143,7 +143,7 @@ class Router(nn.Module):
         """decide -> capacity -> observe -> record; the decision comes back with its final ``keep_TK``."""
         dec = self.decide(x_TD, ctx)
         if dec.keep_TK is None:
-            dec.keep_TK = self.capacity.keep(dec.idx_TK, dec.gate_TK, ctx.training, ctx.seq_len)
+            dec.keep_TK = self.capacity.keep(dec.idx_TK, dec.gate_TK, ctx)
         if ctx.training:
             self.balancer.observe(dec.idx_TK, dec.keep_TK, ctx)
         if ctx.recorder is not None and ctx.domain_ids_T is not None:

@@ -31,6 +31,16 @@ def sinkhorn_log(L_UTE: Tensor, iters: int) -> Tensor:
     scalings stay finite for any input. The column step runs last, so the expert
     marginals are exact; the token marginals converge geometrically.
     """
+    logA, log_u, log_v = sinkhorn_scalings(L_UTE, iters)
+    return (logA + log_u[:, :, None] + log_v[:, None, :]).float()
+
+
+def sinkhorn_scalings(L_UTE: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log A, log u [U, T], log v [U, E])`` of :func:`sinkhorn_log`, in float64.
+
+    ``log v_e`` is the expert's balancing offset: top-k of ``L + log v`` is top-k
+    of the plan (``log u`` is one constant per token).
+    """
     _, T, E = L_UTE.shape
     logA = (L_UTE.double() - L_UTE.double().amax(-1, keepdim=True)).clamp_min(-80.0)
     A_UTE = logA.exp()
@@ -39,4 +49,4 @@ def sinkhorn_log(L_UTE: Tensor, iters: int) -> Tensor:
     for _ in range(iters):
         u_U1T = ((1.0 / T) / torch.bmm(A_UTE, v_UE1)).transpose(1, 2)
         v_UE1 = ((1.0 / E) / torch.bmm(u_U1T, A_UTE)).transpose(1, 2)
-    return (logA + u_U1T.log().transpose(1, 2) + v_UE1.log().transpose(1, 2)).float()
+    return logA, u_U1T.log()[:, 0, :], v_UE1.log()[:, :, 0]

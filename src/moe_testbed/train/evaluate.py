@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moe_testbed.data.loader import IGNORE_INDEX
 from moe_testbed.routing.context import RoutingContext
@@ -47,16 +46,15 @@ def evaluate(
     for name, inp, tgt, dom in val_batches[group.rank :: group.world_size]:
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
         ctx = RoutingContext(
-            training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1), recorder=recorder if n_layers else None
-        )
+            training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1),
+            microbatch_size=cfg.train.micro_batch_size, recorder=recorder if n_layers else None,
+        )  # fmt: skip
         with autocast():
-            out = model(inp, ctx)
-        ce = F.cross_entropy(
-            out.logits.float().flatten(0, 1), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+            out = model(inp, ctx, targets_BS=tgt)  # mean over the batch's targets, logits never formed
+        n_valid = (tgt != IGNORE_INDEX).sum().item()
         c = domains.index(name)
-        loss_sum[c] += ce.item()
-        tok_sum[c] += (tgt != IGNORE_INDEX).sum().item()
+        loss_sum[c] += out.loss.item() * n_valid
+        tok_sum[c] += n_valid
     if was_training:
         model.train()
     if group.world_size > 1:

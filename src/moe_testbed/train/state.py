@@ -47,6 +47,8 @@ class TrainState:
     train_tokens: int = 0
     wall_start: float = field(default_factory=time.time)
     window: LogWindow = field(default_factory=LogWindow)
+    microbatches: int = 0  # micro-batches trained on this rank, and their distinct domains summed
+    microbatch_domains: int = 0
     # Routing means of the last training log (drops happen in training: evaluation is
     # dropless unless balance.eval_capacity_factor is set); summary.json carries them.
     train_routing: dict[str, float] = field(default_factory=dict)
@@ -68,6 +70,7 @@ def checkpoint_payload(state: TrainState, optimizer, loader, recorder, model, rn
         "step": state.step,
         "tokens": state.tokens,
         "timing": {"train_time": state.train_time, "train_tokens": state.train_tokens, "wall": state.wall()},
+        "mixing": {"microbatches": state.microbatches, "microbatch_domains": state.microbatch_domains},
         "optimizer": optimizer.state_dict(),
         "rng": rng_ranks[0],
         "rng_ranks": rng_ranks,
@@ -86,6 +89,8 @@ def restore(payload: dict, state: TrainState, optimizer, loader, recorder, model
     state.train_time, state.train_tokens = timing.get("train_time", 0.0), timing.get("train_tokens", 0)
     # Wall time counts the work before the kill too (not the time the run was dead).
     state.wall_start = time.time() - timing.get("wall", 0.0)
+    mixing = payload.get("mixing", {})
+    state.microbatches, state.microbatch_domains = mixing.get("microbatches", 0), mixing.get("microbatch_domains", 0)
     optimizer.load_state_dict(payload["optimizer"])
     rng_ranks = payload.get("rng_ranks", [payload["rng"]])
     if dp.rank < len(rng_ranks) and len(rng_ranks) == dp.world_size:

@@ -10,13 +10,30 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moe_testbed.data.loader import IGNORE_INDEX
+from moe_testbed.errors import ConfigError
 from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.scope import LocalGroup, ProcessGroup
+
+# By default a forward holds this many tokens at most (a few GB of activations for the testbed's
+# models); a step larger than this takes several forwards, and global scope falls back to carried
+# statistics (docs/routing.md#scope). train.forward_microbatches overrides it.
+AUTO_FORWARD_TOKENS = 1 << 16
+
+
+def forward_microbatches(requested: int | None, accum: int, tokens_per_microbatch: int) -> int:
+    """Micro-batches per forward: ``requested`` (it must divide ``accum``), or the most that fit the default budget."""
+    if requested is not None:
+        if requested < 1 or accum % requested:
+            raise ConfigError(
+                f"train.forward_microbatches={requested} must divide the {accum} micro-batches of a step on this "
+                f"rank: choose one of {', '.join(str(d) for d in range(1, accum + 1) if accum % d == 0)}"
+            )
+        return requested
+    fits = [d for d in range(1, accum + 1) if accum % d == 0 and d * tokens_per_microbatch <= AUTO_FORWARD_TOKENS]
+    return max(fits, default=1)
 
 
 def micro_step(
@@ -27,26 +44,30 @@ def micro_step(
     *,
     step: int,
     microbatch: int,
-    accum: int,
+    accum: float,
+    microbatch_size: int | None = None,
+    whole_step: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     group: ProcessGroup | None = None,
     recorder: RoutingRecorder | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward one micro-batch, backward ``(CE + auxiliary losses) / accum``.
+    """Forward one or several micro-batches at once, backward ``(CE + auxiliary losses) / accum``.
 
-    Returns the cross-entropy and the auxiliary losses per kind (summed over
-    layers), detached and not divided by ``accum``.
+    The forward holds consecutive micro-batches of this rank, the first being the
+    step's ``microbatch``-th, of ``microbatch_size`` sequences each (None: one
+    micro-batch); ``accum`` is the number of such forwards in a step, and
+    ``whole_step`` says this forward is the rank's whole step (exact global
+    scope). Returns the cross-entropy and the auxiliary losses per kind (summed
+    over layers), detached and not divided by ``accum``.
     """
     ctx = RoutingContext(
         training=True, seq_len=inp_BS.shape[1], domain_ids_T=dom_BS.reshape(-1), step=step, microbatch=microbatch,
-        group=group or LocalGroup(), recorder=recorder,
+        microbatch_size=microbatch_size, whole_step=whole_step, group=group or LocalGroup(), recorder=recorder,
     )  # fmt: skip
     with autocast():
-        out = model(inp_BS, ctx)
-    V = out.logits.shape[-1]
-    ce = F.cross_entropy(out.logits.float().view(-1, V), tgt_BS.reshape(-1), ignore_index=IGNORE_INDEX)
-    ((ce + out.aux_loss) / accum).backward()
-    return ce.detach(), out.aux
+        out = model(inp_BS, ctx, targets_BS=tgt_BS)  # the head's cross-entropy, chunked (model/head.py)
+    ((out.loss + out.aux_loss) / accum).backward()
+    return out.loss.detach(), out.aux
 
 
 def optimizer_step(

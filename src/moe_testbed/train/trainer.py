@@ -20,6 +20,7 @@ from moe_testbed.config import Config
 from moe_testbed.data import ensure_mix
 from moe_testbed.data.loader import TrainLoader, val_batches
 from moe_testbed.devices import autocast_for
+from moe_testbed.errors import ConfigError
 from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
@@ -34,7 +35,7 @@ from moe_testbed.train.progress import Progress
 from moe_testbed.train.schedule import lr_at
 from moe_testbed.train.setup import build_optimizer, default_run_name
 from moe_testbed.train.state import LogWindow, TrainState, checkpoint_payload, fold_partial_stats, restore, rng_state
-from moe_testbed.train.step import micro_step, optimizer_step
+from moe_testbed.train.step import forward_microbatches, micro_step, optimizer_step
 from moe_testbed.train.tensorboard import ScalarLogger
 
 TRAIN_ROUTING_KEYS = ("drop_rate/mean", "util/mean", "purity/mean")
@@ -48,6 +49,9 @@ class Trainer:
         self.dp = dp or init_data_parallel(t.device)
         self.rank, self.world_size, self.group = self.dp.rank, self.dp.world_size, self.dp.group
         self.accum = self.dp.local_accumulation(t.grad_accum)
+        self.per_forward = forward_microbatches(
+            t.forward_microbatches, self.accum, t.micro_batch_size * cfg.data.seq_len
+        )
         if t.threads:
             torch.set_num_threads(t.threads)
         keep_freed_memory()  # see allocator.py: fewer page faults per step on CPU
@@ -67,6 +71,7 @@ class Trainer:
         self.loader = TrainLoader(
             self.mix, cfg.data.seq_len, t.micro_batch_size, t.seed, packing=cfg.data.packing, weights=cfg.data.weights,
             domains=cfg.data.domains, rank=self.rank, world_size=self.world_size,
+            batch_domains=cfg.data.microbatch_domains,
         )  # fmt: skip
         self.val_batches = val_batches(
             self.mix, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.tokens_per_domain, cfg.data.domains
@@ -76,11 +81,32 @@ class Trainer:
         self.state = TrainState(since_eval=np.zeros((n_moe, cfg.model.n_experts, len(self.domains)), dtype=np.int64))
         self.params = count_params(self.model)
         self.warnings: list[str] = []
+        self.global_scope = self._global_scope_mode()
         if not cfg.model.dense and not ROUTERS[cfg.routing.router].causal:
             self.warnings.append(
                 f"routing.router={cfg.routing.router} is not causal: a token's expert depends on other tokens of the "
                 "batch, which a causal LM cannot see at inference; compare its loss with care"
             )
+
+    def _global_scope_mode(self) -> str | None:
+        """``exact`` when a forward holds the rank's whole step, ``carried`` otherwise; None below global scope."""
+        cfg = self.cfg
+        if cfg.model.dense or cfg.balance.scope != "global":
+            return None
+        if self.per_forward == self.accum:
+            return "exact"
+        if cfg.routing.router == "expert_choice":
+            raise ConfigError(
+                f"routing.router=expert_choice at balance.scope=global needs the whole step in one forward, but "
+                f"train.forward_microbatches={self.per_forward} < the {self.accum} micro-batches of a step on this "
+                f"rank: set train.forward_microbatches={self.accum}"
+            )
+        self.warnings.append(
+            f"balance.scope=global: a step takes {self.accum // self.per_forward} forwards of {self.per_forward} "
+            "micro-batches, so global-scope balancing uses statistics carried from the previous step "
+            "(docs/routing.md#scope), not the exact step"
+        )
+        return "carried"
 
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir)
@@ -136,6 +162,9 @@ class Trainer:
                 "final": final or {},
                 "train_routing": s.train_routing,
                 "warnings": self.warnings,
+                "forward_microbatches": self.per_forward,
+                "global_scope": self.global_scope,
+                "domains_per_microbatch": round(s.microbatch_domains / max(s.microbatches, 1), 3),
                 "reference_groups": {d: g for d, g in zip(self.domains, self.groups)},
                 "moe_layers": self.model.moe_layer_names,
             },
@@ -195,13 +224,20 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         aux_acc: dict[str, torch.Tensor] = {}
         recorder = self.recorder if t.routing_stats else None
-        for mb in range(self.accum):
-            inp, tgt, dom = (x.to(self.device, non_blocking=True) for x in self.loader.next_batch())
-            ce, aux = micro_step(self.model, inp, tgt, dom, step=s.step, microbatch=mb, accum=self.accum,
-                                 autocast=self.autocast, group=self.group, recorder=recorder)  # fmt: skip
-            loss_acc += ce / self.accum
+        n, forwards = self.per_forward, self.accum // self.per_forward
+        for f in range(forwards):
+            parts = [self.loader.next_batch() for _ in range(n)]
+            s.microbatch_domains += sum(int(torch.unique(dom).numel()) for _, _, dom in parts)
+            s.microbatches += n
+            inp, tgt, dom = (torch.cat(x).to(self.device, non_blocking=True) for x in zip(*parts))
+            ce, aux = micro_step(
+                self.model, inp, tgt, dom, step=s.step, microbatch=f * n, accum=forwards,
+                microbatch_size=t.micro_batch_size, whole_step=forwards == 1, autocast=self.autocast,
+                group=self.group, recorder=recorder,
+            )  # fmt: skip
+            loss_acc += ce / forwards
             for kind, value in aux.items():
-                aux_acc[kind] = aux_acc.get(kind, 0.0) + value / self.accum
+                aux_acc[kind] = aux_acc.get(kind, 0.0) + value / forwards
             s.tokens += inp.numel() * self.world_size
         grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.dp)
         s.step += 1
@@ -212,7 +248,7 @@ class Trainer:
         w.loss = w.loss + loss_acc
         for kind, value in aux_acc.items():
             w.aux[kind] = w.aux.get(kind, 0.0) + value
-        w.tokens += inp.numel() * self.accum * self.world_size
+        w.tokens += inp.numel() * forwards * self.world_size
         w.time += time.perf_counter() - t0
         return lr, grad_norm
 
@@ -264,6 +300,8 @@ class Trainer:
                 f"parallel    {self.world_size} data-parallel ranks on {self.device.type}, {self.accum} of the "
                 f"{cfg.train.grad_accum} micro-batches per step each"
             )
+        lines.append(f"forwards    {self.accum // self.per_forward} per step of {self.per_forward} micro-batches"
+                     + (f"; global scope {self.global_scope}" if self.global_scope else ""))  # fmt: skip
         lines += [f"warning     {w}" for w in self.warnings]
         return "\n".join(lines)
 

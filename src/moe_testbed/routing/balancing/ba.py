@@ -23,9 +23,17 @@ Bertsekas, kept as a cross-check.)
 Gate weights come from the router's probs at the assigned experts, so the router
 learns through the gates. Evaluation uses plain (greedy) top-k: at inference
 a balanced assignment would make a token's expert depend on other tokens.
-Scope: as for Sinkhorn (sequence / micro-batch / every rank's micro-batch).
-Padding tokens take slots like other tokens (they are only kept out of the
-statistics), so with padding the real tokens see slightly less than T*k/E.
+
+Scope: as for Sinkhorn. ``sequence`` and ``microbatch`` solve each unit, the
+remainder rotating by the unit's step-wide id (so 1 and N ranks agree);
+``global`` solves the whole optimizer step, every rank's scores gathered in the
+step's order. When the step takes several forwards (carried mode), each token
+takes top-k of ``a - p`` with ``p`` the expert prices of the previous step's
+whole-step problem (the dual prices of its LP, by the same best-response
+iteration), which balances approximately, not exactly: the testbed's fallback,
+recorded in the run summary. Padding tokens take slots like other tokens (they
+are only kept out of the statistics), so with padding the real tokens see
+slightly less than T*k/E.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ import torch
 from torch import Tensor
 
 from moe_testbed.knobs import Knob, at_least
-from moe_testbed.routing.assignment import balanced_assignment, unit_capacities
+from moe_testbed.routing.assignment import balanced_assignment, equilibrium_prices, unit_capacities
 from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.balancing.sh import log_scores
 from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
-from moe_testbed.routing.scope import solve_in_units
+from moe_testbed.routing.scope import gather_step, own_rows, solve_units
+from moe_testbed.routing.step_scores import StepScores
 
 AUCTION_EPS = 1e-3  # in log-probability units (used by the auction solver only)
 PRICE_ITERS = 16  # best-response price iterations before the exact repair (fewer: more augmentations)
@@ -54,6 +63,11 @@ class BalancedAssignment(Balancer):
     knobs = {"ba_iters": Knob(50, int, "BA: cap on repair augmentations (then a greedy completion)", at_least(1))}
     overhead_budget_pct = 30.0
 
+    def __init__(self, n_experts, top_k, bcfg, layer):
+        super().__init__(n_experts, top_k, bcfg, layer)
+        self.register_buffer("carried_price_E", torch.zeros(n_experts))  # global, carried: last step's prices
+        self.step_scores = StepScores()
+
     @torch.no_grad()
     def selection_scores(self, probs_TE: Tensor, ctx: RoutingContext) -> Tensor:
         return log_scores(probs_TE) if ctx.training else probs_TE
@@ -62,12 +76,28 @@ class BalancedAssignment(Balancer):
     def select(self, sel_TE: Tensor, k: int, ctx: RoutingContext) -> Tensor:
         if not ctx.training:
             return super().select(sel_TE, k, ctx)
-        offset = ctx.step + ctx.microbatch + self.layer
+        T = sel_TE.shape[0]
+        offset = ctx.step + self.layer  # plus the unit's id: the remainder rotates over units, steps, layers
+        if self.scope == "global":
+            n_mb = ctx.n_microbatches(T)
+            if not ctx.exact_global():
+                self.step_scores.add(sel_TE, ctx)
+                return (sel_TE - self.carried_price_E.to(sel_TE.dtype)).topk(k, dim=-1).indices
+            idx_TK = self._solve(gather_step(sel_TE, n_mb, ctx.group)[None], torch.tensor([offset]), k)[0]
+            return own_rows(idx_TK, n_mb, ctx.group)
+        unit = ctx.unit_len(self.scope, T)
+        return solve_units(sel_TE, unit, ctx.unit_ids(self.scope, T), lambda a, ids: self._solve(a, ids + offset, k))
 
-        def solve(a_UTE: Tensor) -> Tensor:
-            U, T, E = a_UTE.shape
-            cap_UE = unit_capacities(U, T, k, E, a_UTE.device, offset=offset)
-            res = balanced_assignment(a_UTE, k, cap_UE, AUCTION_EPS, self.cfg.ba_iters, PRICE_ITERS, solver="repair")
-            return res.idx_UTK
+    def _solve(self, a_UTE: Tensor, unit_ids_U: Tensor, k: int) -> Tensor:
+        U, T, E = a_UTE.shape
+        cap_UE = unit_capacities(unit_ids_U.to(a_UTE.device), T, k, E)
+        res = balanced_assignment(a_UTE, k, cap_UE, AUCTION_EPS, self.cfg.ba_iters, PRICE_ITERS, solver="repair")
+        return res.idx_UTK
 
-        return solve_in_units(sel_TE, ctx.seq_len, self.scope, ctx.group, solve)
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        step = self.step_scores.take_step()
+        if step is not None:  # carried mode: the whole step's dual prices route the next step
+            T, E = step.shape
+            cap_1E = unit_capacities(torch.zeros(1, dtype=torch.long, device=step.device), T, self.top_k, E)
+            self.carried_price_E.copy_(equilibrium_prices(step[None].float(), self.top_k, cap_1E, PRICE_ITERS)[0])

@@ -39,7 +39,7 @@ from moe_testbed.knobs import Knob, positive
 from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
-from moe_testbed.routing.scope import LocalGroup, scope_unit_len, unit_counts
+from moe_testbed.routing.scope import LocalGroup, unit_counts
 
 
 def load_signs(counts_UE: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ class ExpertBias(Balancer):
         if not ctx.training:  # evaluation forwards never move the bias
             return
         valid_T = ctx.valid_T
-        unit = scope_unit_len(idx_TK.shape[0], ctx.seq_len, self.scope)
+        unit = ctx.unit_len(self.scope, idx_TK.shape[0])
         counts_UE = unit_counts(idx_TK, self.n_experts, unit, valid_T)
         if self.scope == "global":
             contrib = (counts_UE.sum(0), counts_UE.sum())

@@ -4,17 +4,26 @@
     P_e  = mean_t probs[t, e]
     LBL  = coeff * E * sum_e f_e * P_e               = coeff at perfect balance
 
-f is a count (no gradient); the gradient flows through P. Convention: f is
-divided by k, so the loss is 1 at uniform load for any k. Hugging Face
-transformers' ``load_balancing_loss_func`` does not divide by k, so its value is
-k times ours for the same logits (a test pins this).
+over the T tokens of a scope unit (padding excluded). f is a count (no
+gradient); the gradient flows through P. Convention: f is divided by k, so the
+loss is 1 at uniform load for any k. Hugging Face transformers'
+``load_balancing_loss_func`` does not divide by k, so its value is k times ours
+for the same logits (a test pins this).
 
-Scope decides the tokens f and P are computed over (see routing/scope.py):
-``sequence`` -> per sequence, loss averaged over sequences; ``microbatch`` ->
-the micro-batch; ``global`` -> f from counts summed over every micro-batch of
-the optimizer step so far and over every rank (a buffer, reset after each
-optimizer step, normalised by the tokens actually accumulated); P stays local
-to the current micro-batch and carries the gradient.
+Scope (routing/scope.py) decides the unit:
+
+``sequence``, ``microbatch``
+    f and P per unit; the loss is the mean over the units (so the step's loss
+    is the mean over all the step's sequences, or micro-batches, on all ranks).
+``global``, exact (a forward holds this rank's whole share of the step)
+    f and P over every token of the step: the counts are all-reduced over the
+    ranks inside the forward; each rank's loss carries its share of P
+    (``sum of its p / the step's tokens * W``), so that the ranks' mean, which
+    is what their averaged gradients follow, is the loss over the step.
+``global``, carried (the step takes several forwards)
+    f from the previous step's whole-step counts (on the first step: the counts
+    of the step so far), P over the forward: the testbed's fallback, recorded
+    in the run summary.
 """
 
 from __future__ import annotations
@@ -26,12 +35,7 @@ from moe_testbed.knobs import Knob, non_negative
 from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
-from moe_testbed.routing.scope import unit_counts
-
-
-def expert_counts(idx_TK: Tensor, n_experts: int, valid_T: Tensor | None = None) -> Tensor:
-    """Slots per expert, float [E]; padding tokens (valid 0) are not counted."""
-    return unit_counts(idx_TK, n_experts, idx_TK.shape[0], valid_T)[0]
+from moe_testbed.routing.scope import LocalGroup, unit_counts, unit_sums
 
 
 def lbl_value(f_E: Tensor, P_E: Tensor, n_experts: int) -> Tensor:
@@ -49,54 +53,56 @@ class LoadBalancingLoss(Balancer):
 
     def __init__(self, n_experts, top_k, bcfg, layer):
         super().__init__(n_experts, top_k, bcfg, layer)
-        # Global scope: synchronised slot counts of the current optimizer step.
-        self.register_buffer("step_counts_E", torch.zeros(n_experts), persistent=False)
-        self.register_buffer("step_tokens", torch.zeros(()), persistent=False)
-        self._last_microbatch: tuple[int, int] | None = None
-        self._last_contrib: tuple[Tensor, Tensor] | None = None
+        # Global scope, carried: the previous step's f (saved: a resumed run continues exactly),
+        # and this step's counts (and tokens, the last entry) so far on this rank.
+        self.register_buffer("carried_f_E", torch.zeros(n_experts))
+        self.register_buffer("step_counts_E", torch.zeros(n_experts + 1), persistent=False)
+        self._last_key: tuple[int, int] | None = None
+        self._last_contrib: Tensor | None = None
+        self._group = LocalGroup()
 
     def balance_losses(self, probs_TE: Tensor, idx_TK: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
-        E, k = self.n_experts, self.top_k
-        valid_T = ctx.valid_T
-        if self.scope == "sequence":
-            S = ctx.seq_len
-            B = probs_TE.shape[0] // S
-            v_BS = torch.ones(B, S, device=probs_TE.device) if valid_T is None else valid_T.view(B, S)
-            n_B = v_BS.sum(1).clamp_min(1)
-            f_BE = unit_counts(idx_TK, E, S, valid_T) / (n_B[:, None] * k)
-            P_BE = (probs_TE.view(B, S, E) * v_BS[..., None]).sum(1) / n_B[:, None]
-            has_tokens = (v_BS.sum(1) > 0).float()
-            loss = (lbl_value(f_BE, P_BE, E) * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+        T, E, k = probs_TE.shape[0], self.n_experts, self.top_k
+        v_T = ctx.valid_T if ctx.valid_T is not None else probs_TE.new_ones(T)
+        if self.scope == "global":
+            loss = self._global(probs_TE, idx_TK, v_T, ctx)
         else:
-            counts_E = expert_counts(idx_TK, E, valid_T)
-            n_tok = (
-                torch.full((), float(probs_TE.shape[0]), device=probs_TE.device) if valid_T is None else valid_T.sum()
-            )
-            P_E = (probs_TE if valid_T is None else probs_TE * valid_T[:, None]).sum(0) / n_tok.clamp_min(1)
-            if self.scope == "global":
-                counts_E, n_tok = self._accumulate(counts_E, n_tok, ctx)
-            f_E = counts_E / (n_tok.clamp_min(1) * k)
-            loss = lbl_value(f_E, P_E, E)
+            unit = ctx.unit_len(self.scope, T)
+            tokens_U = unit_sums(v_T[:, None], unit)[:, 0]
+            n_U = tokens_U.clamp_min(1)
+            f_UE = unit_counts(idx_TK, E, unit, v_T) / (n_U[:, None] * k)
+            P_UE = unit_sums(probs_TE * v_T[:, None], unit) / n_U[:, None]
+            has_U = (tokens_U > 0).float()  # an all-padding unit carries no loss
+            loss = (lbl_value(f_UE, P_UE, E) * has_U).sum() / has_U.sum().clamp_min(1)
         return {"lbl": self.cfg.coeff * loss}
 
-    def _accumulate(self, counts_E: Tensor, n_tok: Tensor, ctx: RoutingContext) -> tuple[Tensor, Tensor]:
-        """Add this micro-batch's (rank-summed) counts to the step buffer.
-
-        A forward re-run for the same micro-batch (activation recomputation)
-        replaces its contribution instead of adding it twice.
-        """
-        counts_E = ctx.group.all_reduce_sum(counts_E.detach())
-        n_tok = ctx.group.all_reduce_sum(n_tok.detach())
+    def _global(self, probs_TE: Tensor, idx_TK: Tensor, v_T: Tensor, ctx: RoutingContext) -> Tensor:
+        E, k, group = self.n_experts, self.top_k, ctx.group
+        counts_E = unit_counts(idx_TK, E, idx_TK.shape[0], v_T)[0]
+        mine = torch.cat((counts_E, v_T.sum()[None])).detach()
+        if ctx.exact_global():
+            step = group.all_reduce_sum(mine)  # [E + 1]: the step's counts and tokens
+            f_E = step[:E] / (step[E].clamp_min(1) * k)
+            P_E = (probs_TE * v_T[:, None]).sum(0) * group.world_size / step[E].clamp_min(1)
+            return lbl_value(f_E, P_E, E)
+        # Carried: keep this step's counts for the next step's f (a re-run forward replaces its own).
         key = (ctx.step, ctx.microbatch)
-        if self._last_microbatch == key and self._last_contrib is not None:
-            self.step_counts_E -= self._last_contrib[0]
-            self.step_tokens -= self._last_contrib[1]
-        self.step_counts_E += counts_E
-        self.step_tokens += n_tok
-        self._last_microbatch, self._last_contrib = key, (counts_E, n_tok)
-        return self.step_counts_E.clone(), self.step_tokens.clone()
+        if self._last_key == key and self._last_contrib is not None:
+            self.step_counts_E -= self._last_contrib
+        self.step_counts_E += mine
+        self._last_key, self._last_contrib, self._group = key, mine, group
+        if ctx.step > 0:
+            f_E = self.carried_f_E
+        else:  # no previous step yet: the step so far, over every rank
+            so_far = group.all_reduce_sum(self.step_counts_E.clone())
+            f_E = so_far[:E] / (so_far[E].clamp_min(1) * k)
+        P_E = (probs_TE * v_T[:, None]).sum(0) / v_T.sum().clamp_min(1)
+        return lbl_value(f_E, P_E, E)
 
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        if self._last_key is not None:  # carried mode ran this step: its whole-step f routes the next one
+            step = self._group.all_reduce_sum(self.step_counts_E.clone())
+            self.carried_f_E.copy_(step[: self.n_experts] / (step[self.n_experts].clamp_min(1) * self.top_k))
         self.step_counts_E.zero_()
-        self.step_tokens.zero_()
-        self._last_microbatch, self._last_contrib = None, None
+        self._last_key, self._last_contrib = None, None

@@ -1,7 +1,9 @@
 """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
 Experts choose tokens instead of tokens choosing experts. Within each scope
-unit of T tokens (a sequence, the micro-batch, or every rank's micro-batch):
+unit of T tokens (a sequence, a micro-batch, or in training the whole optimizer
+step, every rank's tokens gathered; in evaluation the global unit is the
+forward):
 
     probs_TE = softmax_e(W x)                            token-to-expert affinity
     C        = min(T, ceil(T * k / E * routing.seq_capacity))
@@ -32,7 +34,7 @@ from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.decision import RoutingDecision
 from moe_testbed.routing.registry import register_router
 from moe_testbed.routing.router import Router
-from moe_testbed.routing.scope import solve_in_units
+from moe_testbed.routing.scope import gather_step, own_rows, solve_units
 
 
 @register_router
@@ -61,16 +63,29 @@ class ExpertChoice(Router):
         logits_TE = self.score(x_TD, ctx)
         probs_TE = torch.softmax(logits_TE, dim=-1)
 
-        def choose(p_UTE: Tensor) -> Tensor:
+        def choose(p_UTE: Tensor, _ids=None) -> Tensor:
             U, Tu, _ = p_UTE.shape
             cap = min(Tu, math.ceil(Tu * k / E * self.cfg.seq_capacity))
             top_UCE = p_UTE.topk(cap, dim=1).indices
             return torch.zeros_like(p_UTE, dtype=torch.bool).scatter_(1, top_UCE, True)
 
-        keep_TE = solve_in_units(probs_TE.detach(), ctx.seq_len, self.balancer.scope, ctx.group, choose)
+        keep_TE = self._choose(probs_TE.detach(), choose, ctx)
         idx_TE = torch.arange(E, device=x_TD.device).expand(T, E)
         aux = self.balancer.losses(probs_TE, logits_TE, idx_TE, ctx) if ctx.training else {}
         return RoutingDecision(
             idx_TK=idx_TE, gate_TK=probs_TE, probs_TE=probs_TE, logits_TE=logits_TE, keep_TK=keep_TE,
             unkept_are_drops=False, aux_losses=aux,
         )  # fmt: skip
+
+    def _choose(self, probs_TE: Tensor, choose, ctx: RoutingContext) -> Tensor:
+        """``choose`` over each unit of the scope; in training at global scope, over the whole step."""
+        T, scope = probs_TE.shape[0], self.balancer.scope
+        if scope == "global" and ctx.training:
+            if not ctx.exact_global():
+                raise ValueError(
+                    "routing.router=expert_choice at balance.scope=global needs the whole step in one forward: "
+                    "set train.forward_microbatches to the micro-batches of a step on one rank"
+                )
+            n_mb = ctx.n_microbatches(T)
+            return own_rows(choose(gather_step(probs_TE, n_mb, ctx.group)[None])[0], n_mb, ctx.group)
+        return solve_units(probs_TE, ctx.unit_len(scope, T), ctx.unit_ids(scope, T), choose)
