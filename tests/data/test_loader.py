@@ -139,3 +139,15 @@ def test_val_batches_cover_each_domain_with_padding(mix):
 def test_sequence_longer_than_a_domain_is_an_error(mix):
     with pytest.raises(DataError, match="fewer than seq_len"):
         TrainLoader(mix, 10**6, 2, seed=0)
+
+
+def test_microbatch_domains_fixes_the_domains_of_each_batch(mix):
+    loader = TrainLoader(mix, 8, 6, seed=0, batch_domains=2)
+    for _ in range(10):
+        _, _, d = loader.next_batch()
+        per_row = d[:, 0]
+        assert len(set(per_row.tolist())) == 2 and (d == per_row[:, None]).all()
+    single = TrainLoader(mix, 8, 4, seed=0, batch_domains=1).next_batch()[2]
+    assert len(set(single.reshape(-1).tolist())) == 1
+    with pytest.raises(DataError, match="microbatch_domains=4 must be in 1..3"):
+        TrainLoader(mix, 8, 4, seed=0, batch_domains=4)

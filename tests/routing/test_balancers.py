@@ -181,6 +181,23 @@ def test_sh_sequence_scope_solves_each_sequence():
     torch.testing.assert_close(plan.sum(1), torch.full((B, E), 1 / E), atol=1e-5, rtol=0)
 
 
+def test_sh_global_scope_balances_the_whole_step_of_every_rank():
+    # Each of two ranks forwards its two micro-batches (its whole share of the step): the plan is
+    # the one over all four micro-batches in the step's order (0, 1, 2, 3 = rank 0, 1, 0, 1).
+    torch.manual_seed(4)
+    T, E, n = 6, 4, 2
+    mb = [torch.randn(T, E).softmax(-1) for _ in range(4)]  # the step's micro-batches
+    sh = balancer("sh", "global", E=E)
+    step_ctx = dict(S=T, microbatch_size=1)
+    whole = sh.selection_scores(torch.cat(mb), ctx(**step_ctx))
+    torch.testing.assert_close(whole.exp().sum(0), torch.full((E,), 1 / E), atol=1e-5, rtol=0)  # step-wide marginals
+    ranks = [torch.cat([mb[0], mb[2]]), torch.cat([mb[1], mb[3]])]
+    for r in range(2):
+        group = FakeGroup(r, peer_gather=ranks[1 - r].log())
+        got = sh.selection_scores(ranks[r], ctx(**step_ctx, group=group))
+        torch.testing.assert_close(got, torch.cat([whole[(2 * b + r) * T : (2 * b + r + 1) * T] for b in range(n)]))
+
+
 def test_sh_global_scope_solves_over_every_ranks_microbatch():
     torch.manual_seed(2)
     T, E = 8, 4
@@ -210,6 +227,23 @@ def test_ba_gives_every_expert_its_capacity_per_scope_unit(scope):
     probs = logits.softmax(-1)
     got = ba.select(ba.selection_scores(probs, ctx(training=False)), k, ctx(training=False))
     assert torch.equal(got.sort(-1).values, probs.topk(k, -1).indices.sort(-1).values)
+
+
+def test_ba_global_scope_assigns_the_whole_step_of_every_rank():
+    torch.manual_seed(5)
+    T, E, k = 6, 4, 2
+    mb = [torch.randn(T, E).log_softmax(-1) for _ in range(4)]
+    mb[0][:, 1] += 3.0  # one micro-batch loves expert 1
+    ba = balancer("ba", "global", E=E, k=k)
+    step_ctx = dict(S=T, microbatch_size=1)
+    whole = ba.select(torch.cat(mb), k, ctx(**step_ctx))
+    assert torch.bincount(whole.reshape(-1), minlength=E).tolist() == [4 * T * k // E] * E  # over the step
+    assert torch.bincount(whole[:T].reshape(-1), minlength=E)[1] > T * k // E  # not per micro-batch
+    ranks = [torch.cat([mb[0], mb[2]]), torch.cat([mb[1], mb[3]])]
+    for r in range(2):
+        got = ba.select(ranks[r], k, ctx(**step_ctx, group=FakeGroup(r, peer_gather=ranks[1 - r])))
+        want = torch.cat([whole[(2 * b + r) * T : (2 * b + r + 1) * T] for b in range(2)])
+        assert torch.equal(got, want)
 
 
 def test_ba_global_scope_solves_over_every_ranks_microbatch():

@@ -45,3 +45,29 @@ def test_capacity_is_per_unit_and_never_exceeded():
 
 def test_dropless_returns_none():
     assert capacity_keep(torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), 2, None, "probs", 3) is None
+
+
+def _keep(capacity_scope: str, scope: str):
+    import moe_testbed.routing.context as context
+    from tests.routing.toy import batch, make_cfg, make_model
+
+    cfg = make_cfg("softmax_topk", "none", scope, 1.0, **{"balance.capacity_scope": capacity_scope})
+    model = make_model(cfg)
+    kept = []
+    model.moe_layers[0].router.register_forward_hook(lambda m, a, dec: kept.append(dec.keep_TK.clone()))
+    ids, _, dom = (torch.cat(x) for x in zip(batch(1, 2, 8, 0), batch(2, 2, 8, 0)))
+    model(ids, context.RoutingContext(training=True, seq_len=8, domain_ids_T=dom, microbatch_size=2))
+    return kept[0]
+
+
+def test_drops_depend_on_the_capacity_unit_not_on_the_balancing_scope():
+    per_mb = [_keep("microbatch", scope) for scope in ("sequence", "microbatch", "global")]
+    assert (~per_mb[0]).any()  # capacity factor 1 with a random router: some slots are dropped
+    assert all(torch.equal(per_mb[0], other) for other in per_mb[1:])
+    assert not torch.equal(_keep("sequence", "microbatch"), per_mb[0])  # the capacity knob does change them
+
+
+def test_a_shorter_last_unit_gets_its_own_capacity():
+    idx = torch.zeros(6, 1, dtype=torch.long)  # 6 tokens, all to expert 0; units of 4 and 2
+    keep = capacity_keep(idx, torch.ones(6, 1), 2, 1.0, "position", unit_len=4)
+    assert keep.view(-1).tolist() == [True, True, False, False, True, False]  # capacities ceil(4/2), ceil(2/2)

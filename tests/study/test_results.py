@@ -93,7 +93,9 @@ def test_training_drop_rate_comes_from_the_summary(tmp_path: Path):
     write_result(tmp_path, make_record("cf1", "complete", {"balance.capacity_factor": 1.0}, summary=summary))
     write_result(tmp_path, make_record("dense", "complete", {"model.dense": True}, summary={"final": {}}))
     rows, columns = table_rows(tmp_path)
-    assert columns.index("train/drop_rate/mean") == columns.index("val/drop_rate/mean") + 1
+    # Training utilization and drop rate follow the validation metrics (SH/BA balance only in training).
+    assert columns.index("train/util/mean") == columns.index("val/drop_rate/mean") + 1
+    assert columns.index("train/drop_rate/mean") == columns.index("val/drop_rate/mean") + 2
     by_name = {r["name"]: r for r in rows}
     assert by_name["cf1"]["train/drop_rate/mean"] == 0.25 and by_name["cf1"]["val/drop_rate/mean"] == 0.0
     assert by_name["dense"]["train/drop_rate/mean"] is None

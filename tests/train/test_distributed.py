@@ -43,9 +43,20 @@ def test_buckets_split_by_size_and_dtype():
 
 
 PROBE = """
+import json, os, sys
 import torch
 from moe_testbed.train.distributed import init_data_parallel
+
+def native_threads():
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+before = native_threads()
 dp = init_data_parallel("cpu")
+# What the trainer does after the process group exists: torch.optim (it pulls in torch._dynamo), a step.
+import torch.optim
+opt_param = torch.nn.Parameter(torch.zeros(3))
+opt_param.grad = torch.ones(3)
+torch.optim.AdamW([opt_param]).step()
 r = dp.rank
 both, only0, never = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
 frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
@@ -54,23 +65,26 @@ if r == 0:
     only0.grad = torch.full((3,), 4.0)
 dp.average_gradients([both, only0, never, frozen])
 sums = dp.sum({"counts": torch.tensor([r, 10 * r], dtype=torch.long)})
-print({"rank": r, "both": both.grad.tolist(), "only0": only0.grad.tolist(), "never": never.grad,
-       "frozen": frozen.grad, "sum": sums["counts"].tolist(), "seed": dp.rank_seed(0)})
+res = {"rank": r, "both": both.grad.tolist(), "only0": only0.grad.tolist(), "never": never.grad,
+       "frozen": frozen.grad, "sum": sums["counts"].tolist(), "seed": dp.rank_seed(0)}
 dp.close()
+res["threads_left"] = native_threads() - before  # gloo's worker threads must be gone
+with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as fh:  # a file each: stdout lines can interleave
+    json.dump(res, fh)
 """
 
 
 def test_gradients_are_averaged_and_missing_ones_stay_missing(tmp_path, cli_env):
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(PROBE))
-    out = torchrun([str(script)], cli_env).stdout
-    results = sorted((eval(line) for line in out.splitlines() if line.startswith("{")), key=lambda d: d["rank"])
-    assert len(results) == 2
+    torchrun([str(script), str(tmp_path)], cli_env)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for res in results:
         assert res["both"] == [1.5] * 3  # (1 + 2) / 2
         assert res["only0"] == [2.0] * 3  # rank 1 had none: it counts as zero, as it would in one process
         assert res["never"] is None and res["frozen"] is None
         assert res["sum"] == [1, 10]
+        assert res["threads_left"] <= 0  # closing the process group ended its threads (see distributed.py)
     assert results[0]["seed"] != results[1]["seed"]
 
 

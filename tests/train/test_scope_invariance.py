@@ -79,3 +79,12 @@ def test_a_run_that_falls_back_says_so(tiny_data_dir, tmp_path):
     run_dir, _ = run_training(exact, tmp_path / "exact", log=lambda *_: None)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_scope"] == "exact" and summary["forward_microbatches"] == exact.train.grad_accum
+
+
+def test_expert_choice_at_global_scope_needs_the_whole_step(tiny_data_dir, tmp_path):
+    from moe_testbed.config import ConfigError
+
+    cfg = tiny_cfg(tiny_data_dir, "routing.router=expert_choice", "balance.method=none", "balance.scope=global",
+                   "train.forward_microbatches=1")  # fmt: skip
+    with pytest.raises(ConfigError, match="expert_choice at balance.scope=global needs the whole step"):
+        run_training(cfg, tmp_path / "ec", log=lambda *_: None)

@@ -47,6 +47,9 @@ class Balancer(nn.Module):
     knobs: ClassVar[dict[str, Knob]] = {}  # this method's own config keys (moe_testbed/knobs.py)
     # The benchmark's target for the extra step time of this method, in % (None: not a target).
     overhead_budget_pct: ClassVar[float | None] = None
+    # Scopes at which this method's definition is the testbed's own (no paper or peer defines it):
+    # results there say so (docs/routing.md#scope).
+    own_definition_scopes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, n_experts: int, top_k: int, bcfg, layer: int):
         super().__init__()

@@ -40,8 +40,9 @@ METRIC_KEYS = (
     "val/drop_rate/mean",
 )
 # Routing means of the last training log (from summary.json): capacity drops happen here.
-TRAIN_KEYS = ("train/drop_rate/mean",)
-RUN_KEYS = ("tokens_per_s", "wall_s", "steps", "tokens", "params_active", "params_total")
+TRAIN_KEYS = ("train/util/mean", "train/drop_rate/mean")
+RUN_KEYS = ("tokens_per_s", "wall_s", "steps", "tokens", "params_active", "params_total", "global_scope",
+            "forward_microbatches", "domains_per_microbatch")  # fmt: skip
 
 
 def result_path(study_dir: Path, name: str) -> Path:
@@ -83,6 +84,7 @@ def make_record(
         "final": {k: v for k, v in final.items() if k.startswith("val/") and isinstance(v, (int, float))},
         **{k: (summary.get("train_routing") or {}).get(k) for k in TRAIN_KEYS},
         **{k: summary.get(k) for k in RUN_KEYS},
+        "definitions": "; ".join(summary.get("definitions") or []) or None,
         "run_dir": run_dir,
         **extra,
     }
@@ -125,14 +127,15 @@ def table_rows(study_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         for key in records[name].get("final", {}):
             if key.startswith("val/loss/") and key not in domain_keys:
                 domain_keys.append(key)
-    columns = ["name", "status", "reason", *varied, *METRIC_KEYS, *TRAIN_KEYS, *domain_keys, *RUN_KEYS, "run_dir"]
+    columns = ["name", "status", "reason", *varied, *METRIC_KEYS, *TRAIN_KEYS, *domain_keys, *RUN_KEYS, "definitions",
+               "run_dir"]  # fmt: skip
     rows = []
     for name in order:
         rec = records[name]
         row: dict[str, Any] = {"name": name, "status": rec.get("status"), "reason": rec.get("reason")}
         row.update({k: _cell(rec.get("params", {}).get(k)) for k in varied})
         row.update({k: rec.get("final", {}).get(k) for k in (*METRIC_KEYS, *domain_keys)})
-        row.update({k: rec.get(k) for k in (*TRAIN_KEYS, *RUN_KEYS, "run_dir")})
+        row.update({k: rec.get(k) for k in (*TRAIN_KEYS, *RUN_KEYS, "definitions", "run_dir")})
         rows.append(row)
     return rows, columns
 

@@ -28,6 +28,7 @@ Balancing at global scope already reduces over :class:`TorchDistributedGroup`
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -157,5 +158,12 @@ def init_data_parallel(device_name: str) -> DataParallel:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo (which torch.optim imports) registers hooks on the process groups that exist
+        # when it is first imported; a group created before that import stays referenced after
+        # destroy_process_group, its gloo worker threads keep running and race interpreter shutdown
+        # ("terminate called without an active exception", SIGABRT at exit; pytorch/pytorch#179291).
+        # Imported first, it holds no group, and closing the group ends every thread (a test checks).
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DataParallel(device, rank, world_size, local_rank)

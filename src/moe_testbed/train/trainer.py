@@ -26,7 +26,7 @@ from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
 from moe_testbed.routing.groups import describe_groups, reference_groups
 from moe_testbed.routing.recorder import RoutingRecorder
-from moe_testbed.routing.registry import ROUTERS
+from moe_testbed.routing.registry import BALANCERS, ROUTERS
 from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
 from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_testbed.train.distributed import DataParallel, init_data_parallel
@@ -82,6 +82,7 @@ class Trainer:
         self.params = count_params(self.model)
         self.warnings: list[str] = []
         self.global_scope = self._global_scope_mode()
+        self.definitions = self._own_definitions()
         if not cfg.model.dense and not ROUTERS[cfg.routing.router].causal:
             self.warnings.append(
                 f"routing.router={cfg.routing.router} is not causal: a token's expert depends on other tokens of the "
@@ -107,6 +108,18 @@ class Trainer:
             "(docs/routing.md#scope), not the exact step"
         )
         return "carried"
+
+    def _own_definitions(self) -> list[str]:
+        """What in this run is the testbed's own definition rather than a paper's or a peer's."""
+        cfg, out = self.cfg, []
+        if cfg.model.dense:
+            return out
+        b = cfg.balance
+        if b.scope in BALANCERS[b.method].own_definition_scopes:
+            out.append(f"balance.method={b.method} at balance.scope={b.scope} is the testbed's own definition")
+        if self.global_scope == "carried":
+            out.append(f"balance.method={b.method} at global scope used statistics carried from the previous step")
+        return out
 
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir)
@@ -165,6 +178,7 @@ class Trainer:
                 "forward_microbatches": self.per_forward,
                 "global_scope": self.global_scope,
                 "domains_per_microbatch": round(s.microbatch_domains / max(s.microbatches, 1), 3),
+                "definitions": self.definitions,
                 "reference_groups": {d: g for d, g in zip(self.domains, self.groups)},
                 "moe_layers": self.model.moe_layer_names,
             },

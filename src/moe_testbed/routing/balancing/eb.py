@@ -55,6 +55,7 @@ class ExpertBias(Balancer):
     requires = ("scores",)
     knobs = {"eb_rate": Knob(1e-3, float, "EB bias update step", positive)}
     overhead_budget_pct = 5.0
+    own_definition_scopes = ("sequence", "microbatch")  # peers define EB over the whole step only
 
     def __init__(self, n_experts, top_k, bcfg, layer):
         super().__init__(n_experts, top_k, bcfg, layer)
