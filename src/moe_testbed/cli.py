@@ -25,6 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moe_testbed.errors import ConfigError
     from moe_testbed.train.trainer import run_training
 
+    if args.fork and not args.resume:
+        raise ConfigError("--fork NEW_DIR continues a run: use it with --resume RUN_DIR")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -32,14 +34,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config and not args.config.endswith((".yaml", ".yml")):
             args.overrides = [args.config, *args.overrides]
         cfg = Config.load(run_dir / "config.yaml", args.overrides)
-        run_training(cfg, run_dir, resume=True)
+        if args.fork:
+            run_training(cfg, Path(args.fork), resume=True, fork_from=run_dir)
+        else:
+            run_training(cfg, run_dir, resume=True)
         return 0
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]
         args.config = None
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.out) if args.out else None
-    run_training(cfg, run_dir, resume=bool(run_dir and (run_dir / "checkpoints").is_dir()))
+    run_training(cfg, Path(args.out) if args.out else None, resume=None)
     return 0
 
 
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. routing.top_k=4 balance.scope=global")
     p.add_argument("--out", help="run directory (default: run.out_dir/<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--fork", metavar="NEW_DIR",
+                   help="with --resume: continue the run in NEW_DIR under the given overrides (any key)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     for module in (

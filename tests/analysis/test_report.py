@@ -102,3 +102,29 @@ def test_report_errors(tmp_path):
         args.func(args)
     with pytest.raises(ReportError, match="no run directories"):
         write_report([], tmp_path)
+
+
+def test_a_study_report_leads_with_verdicts_and_draws_one_section_per_configuration(tmp_path):
+    from moe_testbed.analysis.study_page import StudyOverview
+
+    runs, groups = [], {}
+    for config, sharp in (("lbl-global", 1.0), ("lbl-sequence", 0.1)):
+        for seed in (0, 1):
+            name = f"{config}-s{seed}"
+            runs.append(make_fake_run(tmp_path / name, sharpness=sharp, seed=seed, overrides={"run.name": name},
+                                      **TINY))  # fmt: skip
+            groups.setdefault(config, []).append(name)
+    summary = [{"config": c, "seeds": 2, "val/specialization/mean mean": m, "val/specialization/mean low": m - 0.05,
+                "val/specialization/mean high": m + 0.05, "val/util/mean mean": 0.9, "val/util/mean low": 0.88,
+                "val/util/mean high": 0.92} for c, m in (("lbl-global", 0.6), ("lbl-sequence", 0.1))]  # fmt: skip
+    verdicts = [{"claim": "lbl-global > lbl-sequence on specialization", "verdict": "holds", "source": "paper",
+                 "effect": {"estimate": 0.5, "low": 0.4, "high": 0.6, "n": 2}}]  # fmt: skip
+    overview = StudyOverview("scope", "a test", verdicts, summary, groups)
+    html = write_report(runs, tmp_path / "report", overview=overview).read_text()
+    assert html.index("Verdicts") < html.index("Per configuration") < html.index("Every run")
+    assert "<td class='holds'>holds</td>" in html and "+0.500 [+0.400, +0.600]" in html
+    assert "0.600 ± 0.050" in html  # mean ± half-width of the interval
+    assert (tmp_path / "report" / "scatter.png").is_file()
+    assert (tmp_path / "report" / "curves_by_configuration.png").is_file()
+    drawn = sorted(p.name for p in (tmp_path / "report").glob("*heatmap_final.png"))
+    assert drawn == ["lbl-global-s0-heatmap_final.png", "lbl-sequence-s0-heatmap_final.png"]  # first seeds only

@@ -65,7 +65,8 @@ def test_rows_follow_the_plan_and_columns_are_typed(tmp_path: Path):
     rows = rebuild_table(tmp_path)
     assert [r["name"] for r in rows] == ["b", "a", "zz-old"]  # plan order, then runs no longer planned
     rows_, columns = table_rows(tmp_path)
-    assert columns[:6] == ["name", "status", "reason", "balance.scope", "balance.capacity_factor", "train.seed"]
+    assert columns[:8] == ["name", "config", "seed", "status", "reason", "balance.scope", "balance.capacity_factor",
+                           "train.seed"]  # fmt: skip
     table = pq.read_table(tmp_path / "results.parquet")
     assert str(table.schema.field("balance.capacity_factor").type) == "double"
     assert str(table.schema.field("val/loss").type) == "double"

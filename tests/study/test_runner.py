@@ -153,3 +153,32 @@ def test_only_says_its_counts_are_of_the_selected_runs(tmp_path: Path):
     assert code == 0 and "(3 complete)" in text
     code, text = run(spec, out, "run_ok", only=["seed1"])
     assert code == 0 and "(1 complete of the 1 selected runs; 3 rows in the table)" in text
+
+
+def test_seeds_resume_mid_study_and_give_verdicts(tmp_path: Path):
+    grid = {"balance.scope": ["microbatch", "global"]}
+    claims = ["lbl-global > lbl-microbatch on purity", "lbl-global ~ lbl-microbatch on loss within 0.01"]
+    spec = write_spec(tmp_path / "s.yaml", grid=grid, name_format="lbl-{balance.scope}", seeds=3, claims=claims)
+    out = tmp_path / "study"
+    code, text = run(spec, out, "run_ok", only=["-s0"])  # the study is stopped after its first seed
+    assert code == 0, text
+    assert sorted(table(out)) == ["lbl-global-s0", "lbl-microbatch-s0"]
+    code, text = run(spec, out, "run_ok")  # and resumed: the done seeds are not run again
+    assert code == 0 and "2 runs already complete" in text
+    assert attempts(out, "lbl-global-s0") == ["fresh"] and attempts(out, "lbl-global-s2") == ["fresh"]
+    rows = table(out)
+    assert {(r["config"], r["seed"]) for r in rows.values()} == {(c, s) for c in ("lbl-microbatch", "lbl-global")
+                                                                 for s in range(3)}  # fmt: skip
+    with open(out / "summary.csv") as fh:
+        summary = {r["config"]: r for r in __import__("csv").DictReader(fh)}
+    assert summary["lbl-global"]["seeds"] == "3"
+    assert float(summary["lbl-global"]["val/purity/mean mean"]) == pytest.approx(0.4)
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert [v["verdict"] for v in verdicts] == ["holds", "reversed"]  # the fakes' loss differs by 0.1 > 0.01
+    assert "lbl-global > lbl-microbatch on purity" in text and "holds" in text  # printed at the end
+
+
+def test_a_claim_must_name_configurations_of_the_study(tmp_path: Path):
+    spec = write_spec(tmp_path / "s.yaml", grid=GRID, claims=["global > nowhere on purity"])
+    with pytest.raises(StudyError, match="names 'nowhere', which is not a configuration"):
+        run(spec, tmp_path / "study", "run_ok")

@@ -26,6 +26,14 @@ from matplotlib.figure import Figure
 
 from moe_testbed.analysis import plots
 from moe_testbed.analysis.rundir import ReportError, Run, flatten, load_run
+from moe_testbed.analysis.study_page import (
+    StudyOverview,
+    first_seeds,
+    interval_scatter_figure,
+    seed_band_figure,
+    summary_table,
+    verdict_table,
+)
 from moe_testbed.routing.metrics import load, nanmean, utilization
 
 # Config keys shown for every run, whether or not they vary.
@@ -55,11 +63,15 @@ def default_out_dir(run_dirs: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([str(Path(p).resolve()) for p in run_dirs])) / "report"
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, steps: Sequence[int] | None = None) -> Path:
+def write_report(
+    run_dirs: list[Path], out_dir: Path, steps: Sequence[int] | None = None, overview: StudyOverview | None = None
+) -> Path:
     """Write ``report.html``, its PNGs and ``results.csv`` into ``out_dir``; return the HTML path.
 
     ``steps``: training steps at which to draw the expert x domain heatmaps in
     addition to the final one (the nearest routing snapshot is used).
+    ``overview``: a study's verdicts, summary and seed groups (analysis/study_page.py):
+    the page then leads with them and draws one section per configuration.
     """
     if not run_dirs:
         raise ReportError("no run directories given")
@@ -73,6 +85,20 @@ def write_report(run_dirs: list[Path], out_dir: Path, steps: Sequence[int] | Non
 
     varied = varied_keys(runs)
     columns, rows = results_table(runs, names, varied)
+    if overview is not None:
+        _study_head(page, overview, runs)
+        page.h(2, "Every run")
+        page.raw("<details><summary>the results table of every run (one row per seed)</summary><div class='scroll'>")
+        page.table(columns, rows)
+        page.raw("</div></details>")
+        _write_csv(out_dir / "results.csv", columns, rows)
+        by_name = dict(zip(names, runs))
+        page.h(2, "Configurations, each drawn from its first seed")
+        for name in first_seeds(overview, names):
+            _run_section(page, by_name[name], name, f"{_slug(name)}-", steps)
+        html_path = out_dir / "report.html"
+        html_path.write_text(page.render(), encoding="utf-8")
+        return html_path
     page.h(1, "moe-testbed report")
     page.p(f"{len(runs)} run{'s' if len(runs) > 1 else ''}; generated {_dt.datetime.now():%Y-%m-%d %H:%M}.")
     page.raw("<ul>" + "".join(f"<li><b>{_e(n)}</b>: {_e(_tokens_text(r))}</li>" for n, r in zip(names, runs)) + "</ul>")
@@ -108,6 +134,35 @@ def write_report(run_dirs: list[Path], out_dir: Path, steps: Sequence[int] | Non
     html_path = out_dir / "report.html"
     html_path.write_text(page.render(), encoding="utf-8")
     return html_path
+
+
+def _study_head(page: _Page, overview: StudyOverview, runs: list[Run]) -> None:
+    page.h(1, f"moe-testbed study {overview.name}")
+    if overview.description:
+        page.p(overview.description)
+    page.p(f"{len(overview.summary)} configurations, {len(runs)} complete runs; generated "
+           f"{_dt.datetime.now():%Y-%m-%d %H:%M}. Intervals: 95%, Student t over seeds (paired by seed for "
+           "differences; docs/studies.md#claims-and-verdicts).")  # fmt: skip
+    for note in overview.notes:
+        page.raw(f"<div class='warn'>{_e(note)}</div>")
+    if overview.verdicts:
+        page.h(2, "Verdicts")
+        columns, rows = verdict_table(overview)
+        head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>"
+        body = "".join(
+            "<tr>" + "".join(f"<td class='{_slug(r[1]) if i == 1 else ''}'>{_e(c)}</td>" for i, c in enumerate(r))
+            + "</tr>" for r in rows
+        )  # fmt: skip
+        page.raw(f"<table class='results verdicts'>{head}{body}</table>")
+    page.h(2, "Per configuration")
+    page.p("Mean ± half-width of the 95% interval over seeds (validation metrics at the last evaluation, means "
+           "over MoE layers; train: the last training log). Definitions: docs/metrics.md.")  # fmt: skip
+    page.table(*summary_table(overview))
+    page.figure(interval_scatter_figure(overview, _reference_utilization(runs)), "scatter.png",
+                "Each point is a configuration; the star is the reference router.")  # fmt: skip
+    by_name = {r.name: r for r in runs}
+    groups = {c: [by_name[n] for n in names if n in by_name] for c, names in overview.groups.items()}
+    page.figure(seed_band_figure({c: g for c, g in groups.items() if g}), "curves_by_configuration.png")
 
 
 def _run_section(page: _Page, run: Run, name: str, prefix: str, steps: Sequence[int] | None) -> None:
@@ -269,6 +324,8 @@ figure { margin: 1em 0 2em; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; } .file { color: #999; }
 .warn { background: #fff4e0; border-left: 4px solid #e90; padding: 0.3em 1em; margin: 1em 0; }
 h2 { border-bottom: 1px solid #ddd; margin-top: 2em; } code { background: #f4f4f4; padding: 0 0.2em; }
+.scroll { overflow-x: auto; } td.holds { color: #1a7f37; font-weight: 600; } td.reversed { color: #cf222e;
+font-weight: 600; } td.not_separated, td.n_a { color: #777; } table.verdicts td { text-align: left; }
 """
 
 

@@ -105,7 +105,7 @@ def run_step(setup: StepSetup, repeats, warmup, memory, log) -> tuple[dict, list
             sec["variants"][name]["tokens_per_s"] = tokens / res.timings.summary(name)["median"]
     ratio = speedup_json(res, "moe", "dense")  # t_dense / t_moe = tokens/s of MoE over dense
     sec["ratios"] = {"moe_tokens_per_s/dense": ratio} if ratio else {}
-    return sec, [target_row("step: MoE tokens/s / dense tokens/s", ratio, ">=", 0.85)]
+    return sec, [target_row("step: MoE tokens/s / dense tokens/s", ratio, ">=", 0.90)]
 
 
 Z_LOSS_BUDGET_PCT = 5.0  # % of step time

@@ -154,9 +154,14 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass a YAML file such as configs/quick.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if raw is None:
+            raise ConfigError(
+                f"config file {path} is empty: write the sections to change (model:, routing:, train:, ...), "
+                "e.g. start from configs/quick.yaml; omit the file to train the built-in defaults"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data, model, routing, ...)")
         raw.pop("study", None)  # study files carry a grid beside the base config
@@ -188,6 +193,7 @@ class Config:
         ]:
             _choice(key, value, allowed)
         self._validate_counts()
+        self._validate_ranges()
         self._validate_model()
         for section in (self.routing, self.balance):
             check_knobs(section)
@@ -219,6 +225,32 @@ class Config:
         ]:
             if value < 1:
                 raise ConfigError(f"{key}={value} must be >= 1")
+
+    def _validate_ranges(self) -> None:
+        """Every other number a run reads, where a value outside its range would fail late or mean nothing."""
+        m, t, d, e = self.model, self.train, self.data, self.eval
+        checks = [
+            ("train.lr", t.lr, t.lr > 0, "must be > 0"),
+            ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
+            ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+            ("train.beta1", t.beta1, 0 <= t.beta1 < 1, "must be in [0, 1)"),
+            ("train.beta2", t.beta2, 0 <= t.beta2 < 1, "must be in [0, 1)"),
+            ("train.grad_clip", t.grad_clip, t.grad_clip > 0, "must be > 0"),
+            ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, "must be >= 1"),
+            ("train.threads", t.threads, t.threads is None or t.threads >= 1, "must be >= 1, or null"),
+            ("train.forward_microbatches", t.forward_microbatches,
+             t.forward_microbatches is None or t.forward_microbatches >= 1, "must be >= 1, or null for the default"),
+            ("eval.tokens_per_domain", e.tokens_per_domain, e.tokens_per_domain >= 1, "must be >= 1"),
+            ("model.init_std", m.init_std, m.init_std > 0, "must be > 0"),
+            ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "must be > 0"),
+            ("model.dense_hidden", m.dense_hidden, m.dense_hidden is None or m.dense_hidden >= 1, "must be >= 1, or null"),
+            ("data.microbatch_domains", d.microbatch_domains, d.microbatch_domains is None or d.microbatch_domains >= 1,
+             "must be >= 1, or null"),
+        ]  # fmt: skip
+        for key, value, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}={value} {why}")
 
     def _validate_model(self) -> None:
         m, b = self.model, self.balance

@@ -49,6 +49,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         force=args.force,
     )
     out = build_mix(opts, out=args.out, progress=Progress(quiet=args.quiet))
+    from moe_testbed.data.identity import identity_line
+    from moe_testbed.data.storage import read_manifest
+
+    manifest = read_manifest(out)
+    for line in identity_line(manifest, manifest["settings"]["preset"]):
+        print(line)
     print(out)
     return 0
 

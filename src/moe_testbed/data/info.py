@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from moe_testbed.data.identity import identity_line
 from moe_testbed.data.mix import DomainMix
 
 
@@ -100,9 +101,12 @@ def print_info(mix: DomainMix, samples: bool = False, out: TextIO | None = None,
     )
     print(
         f"tokens: train {m['splits']['train']['tokens']:,}, val {m['splits']['val']['tokens']:,} "
-        f"(requested per domain: {s['tokens_per_domain']:,} train, {s['val_tokens_per_domain']:,} val)\n",
+        f"(requested per domain: {s['tokens_per_domain']:,} train, {s['val_tokens_per_domain']:,} val)",
         file=out,
     )
+    for line in identity_line(m, s["preset"]):
+        print(line, file=out)
+    print(file=out)
     for title, head, rows in (("Domains", DOMAIN_HEAD, domain_rows(mix)), ("Sources", SOURCE_HEAD, source_rows(mix))):
         if plain or not _rich(title, head, rows, out):
             _plain(title, head, rows, out)

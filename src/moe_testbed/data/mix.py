@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,17 @@ class DomainMix:
         self._info = {d["name"]: d for d in manifest["domains"]}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._tokenizer = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The mix's identity: a hash of its token arrays and tokenizer (the sha256 digests in mix.json).
+
+        Two mixes with the same fingerprint hold the same tokens, documents, domain
+        labels and tokenizer, whatever machine built them; a run's numbers are
+        comparable across labs only when this matches. (``mix.json``'s own
+        ``fingerprint`` is of the build's settings, which decide whether to rebuild.)
+        """
+        return content_fingerprint(self.manifest)
 
     def __repr__(self) -> str:
         return f"DomainMix({str(self.path)!r}, domains={self.domains}, vocab_size={self.vocab_size})"
@@ -93,6 +106,11 @@ class DomainMix:
     def _check_split(split: str) -> None:
         if split not in SPLITS:
             raise DataError(f"split {split!r} does not exist: choose one of {', '.join(SPLITS)}")
+
+
+def content_fingerprint(manifest: dict) -> str:
+    files = sorted((manifest.get("files") or {}).items())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def ensure_mix(data_cfg: Any) -> DomainMix:

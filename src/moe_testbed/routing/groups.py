@@ -20,6 +20,12 @@ def reference_groups(
 ) -> list[list[int]]:
     """Experts of each domain's group, indexed like ``domains``."""
     if explicit:
+        unknown = [d for d in explicit if d not in domains]
+        if unknown:
+            raise ConfigError(
+                f"routing.groups names {unknown[0]!r}, which is not a domain of the mix: its domains are "
+                f"{', '.join(domains)}"
+            )
         missing = [d for d in domains if d not in explicit]
         if missing:
             raise ConfigError(

@@ -52,12 +52,28 @@ def _add_options(p: argparse.ArgumentParser) -> None:
         "--only", action="append", metavar="NAME", help="run only runs whose name contains NAME (repeatable)"
     )
     p.add_argument("--no-report", action="store_true", help="do not write report/report.html")
+    p.add_argument("--write-reference", action="store_true",
+                   help="write the results as the spec's reference (reference/<study>.json beside the spec)")  # fmt: skip
+    p.add_argument(
+        "--seeds", type=_seed_count, default=None, metavar="N",
+        help="run every configuration with seeds 0..N-1 (default: the spec's seeds, else one run each)",
+    )  # fmt: skip
     p.add_argument(
         "--progress", choices=("auto", "bar", "log", "none"), default="auto", help="progress display (default auto)"
     )
     # For tests and for checking a spec's plumbing without training: a function
     # package.module:function called as fn(cfg, run_dir, resume) in each worker.
     p.add_argument("--run-fn", default=None, help=argparse.SUPPRESS)
+
+
+def _seed_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--seeds takes a number of seeds >= 1 (got {text!r})")
+    return n
 
 
 def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
@@ -89,6 +105,8 @@ def run_command(args: argparse.Namespace) -> int:
         report=not args.no_report,
         run_fn=args.run_fn or DEFAULT_FN,
         progress=args.progress,
+        seeds=None if args.seeds is None else list(range(args.seeds)),
+        save_reference=args.write_reference,
     )
 
 

@@ -30,6 +30,8 @@ class PlannedRun:
     values: dict[str, Any]  # the dotted keys this run sets itself (grid point and/or runs: entry)
     cfg: Config  # resolved, not yet validated (see skip)
     skip: str | None = None  # why Config.validate() rejected it; None = runnable
+    config: str = ""  # the configuration: the name without its seed suffix
+    seed: int | None = None  # the seed of a study with a seeds axis
 
 
 def parse_cli_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -44,10 +46,17 @@ def parse_cli_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def expand(spec: StudySpec, cli_overrides: dict[str, Any] | None = None) -> list[PlannedRun]:
-    """Every run of the study, in spec order: the grid first, then ``runs:`` entries."""
+def expand(spec: StudySpec, cli_overrides: dict[str, Any] | None = None, seeds: list[int] | None = None
+           ) -> list[PlannedRun]:  # fmt: skip
+    """Every run of the study, in spec order: the grid first, then ``runs:`` entries.
+
+    With seeds (``seeds`` here, from ``--seeds``, else the spec's), every configuration runs once
+    per seed (``train.seed``), named ``<configuration>-s<seed>``, seeds next to each other.
+    """
+    seeds = seeds if seeds is not None else spec.seeds
     cli_overrides = dict(cli_overrides or {})
-    clash = [k for k in cli_overrides if k in spec.varied_keys()]
+    varied = spec.varied_keys() + (["train.seed"] if seeds is not None else [])
+    clash = [k for k in cli_overrides if k in varied]
     if clash:
         raise StudyError(
             f"override {clash[0]} is varied by study {spec.name!r}: overriding it would make runs identical; "
@@ -72,10 +81,33 @@ def expand(spec: StudySpec, cli_overrides: dict[str, Any] | None = None) -> list
         except ConfigError as exc:
             raise StudyError(f"study {spec.name}: run {values}: {exc}") from None
         name = _render(template, cfg) if template else auto_name(values)
-        cfg.run.name = name
-        runs.append(PlannedRun(name, values, cfg, _problem(cfg)))
+        if seeds is None:
+            cfg.run.name = name
+            runs.append(PlannedRun(name, values, cfg, _problem(cfg), config=name))
+            continue
+        for seed in seeds:
+            run_cfg = cfg.replace({"train.seed": seed})
+            run_cfg.run.name = f"{name}-s{seed}"
+            runs.append(PlannedRun(run_cfg.run.name, {**values, "train.seed": seed}, run_cfg, _problem(run_cfg),
+                                   config=name, seed=seed))  # fmt: skip
     _check_unique([r.name for r in runs], spec.name)
+    check_claims(spec, runs)
     return runs
+
+
+def check_claims(spec: StudySpec, runs: list[PlannedRun]) -> None:
+    """Every configuration a claim names is one of the study's."""
+    from moe_testbed.study.claims import parse_claim
+
+    configs = {r.config for r in runs}
+    for i, entry in enumerate(spec.claims):
+        claim = parse_claim(entry, f"study {spec.name}: claims[{i}]")
+        unknown = [c for c in claim.configs if c not in configs]
+        if unknown:
+            raise StudyError(
+                f"study {spec.name}: claim {claim.text!r} names {unknown[0]!r}, which is not a configuration of the "
+                f"study: choose from {', '.join(sorted(configs))}"
+            )
 
 
 def select(runs: list[PlannedRun], only: list[str] | None) -> list[PlannedRun]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
 from moe_testbed.study.locks import FileLock
+from moe_testbed.study.summary import write_summary
 
 RESULTS_DIR = "results"
 PLAN_FILE = "plan.json"
@@ -42,7 +43,7 @@ METRIC_KEYS = (
 # Routing means of the last training log (from summary.json): capacity drops happen here.
 TRAIN_KEYS = ("train/util/mean", "train/drop_rate/mean")
 RUN_KEYS = ("tokens_per_s", "wall_s", "steps", "tokens", "params_active", "params_total", "global_scope",
-            "forward_microbatches", "domains_per_microbatch")  # fmt: skip
+            "forward_microbatches", "domains_per_microbatch", "mix_fingerprint")  # fmt: skip
 
 
 def result_path(study_dir: Path, name: str) -> Path:
@@ -102,14 +103,20 @@ def rebuild_table(study_dir: Path) -> list[dict[str, Any]]:
         rows, columns = table_rows(study_dir)
         atomic_write_text(study_dir / "results.csv", _csv_text(rows, columns))
         _write_parquet(study_dir / "results.parquet", rows, columns)
+        write_summary(study_dir, read_plan(study_dir), rows, [*METRIC_KEYS, *TRAIN_KEYS])
     return rows
 
 
-def table_rows(study_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def read_plan(study_dir: Path) -> dict[str, Any]:
     try:
-        plan = json.loads((study_dir / PLAN_FILE).read_text())
+        plan = json.loads((Path(study_dir) / PLAN_FILE).read_text())
     except (OSError, ValueError):
-        plan = {"runs": [], "varied": []}
+        plan = {}
+    return {"runs": [], "varied": [], **plan}
+
+
+def table_rows(study_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    plan = read_plan(study_dir)
     records = {}
     for path in sorted((study_dir / RESULTS_DIR).glob("*.json")):
         try:
@@ -119,6 +126,7 @@ def table_rows(study_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if isinstance(record, dict) and record.get("name") == path.stem:
             records[path.stem] = record
     order = [n for n in plan["runs"] if n in records] + sorted(n for n in records if n not in plan["runs"])
+    configs, seeds = plan.get("configs", {}), dict(zip(plan["runs"], plan.get("seeds") or []))
     varied = list(plan["varied"])
     for name in order:
         varied += [k for k in records[name].get("params", {}) if k not in varied]
@@ -127,12 +135,13 @@ def table_rows(study_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         for key in records[name].get("final", {}):
             if key.startswith("val/loss/") and key not in domain_keys:
                 domain_keys.append(key)
-    columns = ["name", "status", "reason", *varied, *METRIC_KEYS, *TRAIN_KEYS, *domain_keys, *RUN_KEYS, "definitions",
-               "run_dir"]  # fmt: skip
+    columns = ["name", "config", "seed", "status", "reason", *varied, *METRIC_KEYS, *TRAIN_KEYS, *domain_keys,
+               *RUN_KEYS, "definitions", "run_dir"]  # fmt: skip
     rows = []
     for name in order:
         rec = records[name]
-        row: dict[str, Any] = {"name": name, "status": rec.get("status"), "reason": rec.get("reason")}
+        row: dict[str, Any] = {"name": name, "config": configs.get(name, name), "seed": seeds.get(name),
+                               "status": rec.get("status"), "reason": rec.get("reason")}  # fmt: skip
         row.update({k: _cell(rec.get("params", {}).get(k)) for k in varied})
         row.update({k: rec.get("final", {}).get(k) for k in (*METRIC_KEYS, *domain_keys)})
         row.update({k: rec.get(k) for k in (*TRAIN_KEYS, *RUN_KEYS, "definitions", "run_dir")})

@@ -39,8 +39,9 @@ import yaml
 from moe_testbed.config import Config, parse_override
 from moe_testbed.errors import ConfigError
 from moe_testbed.study import StudyError
+from moe_testbed.study.claims import parse_claim
 
-STUDY_KEYS = ("name", "description", "base", "overrides", "grid", "runs", "name_format")
+STUDY_KEYS = ("name", "description", "base", "overrides", "grid", "runs", "name_format", "seeds", "claims")
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
@@ -63,12 +64,16 @@ class StudySpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     name_format: str | None = None
     runs: list[RunGroup] = field(default_factory=list)
+    seeds: list[int] | None = None  # None: one run per configuration, named without a seed
+    claims: list = field(default_factory=list)  # study/claims.py, checked against the configurations
 
     def varied_keys(self) -> list[str]:
         """Keys that the grid or the extra runs set: the columns of the results table."""
         keys = list(self.grid)
         for group in self.runs:
             keys += [*group.grid, *group.values]
+        if self.seeds is not None:
+            keys.append("train.seed")
         return list(dict.fromkeys(keys))
 
 
@@ -146,12 +151,31 @@ def spec_from_dict(raw: dict[str, Any], source: Path | None = None, default_name
         grid=_grid(raw.get("grid"), "grid", source),
         name_format=raw.get("name_format"),
         runs=[_run_group(entry, i, source) for i, entry in enumerate(_as_list(raw.get("runs"), "runs", source))],
+        seeds=parse_seeds(raw.get("seeds"), f"{_where(source)}seeds"),
+        claims=_as_list(raw.get("claims"), "claims", source),
     )
+    for i, entry in enumerate(spec.claims):
+        parse_claim(entry, f"{_where(source)}claims[{i}]")  # a bad claim fails when the spec is read
     if not spec.grid and not spec.runs:
         raise StudyError(f"{_where(source)}a study needs a grid or runs (or both)")
     if "/" in name or name.startswith("."):
         raise StudyError(f"{_where(source)}name {name!r} must be a plain directory name")
     return spec
+
+
+def parse_seeds(value: Any, where: str) -> list[int] | None:
+    """``seeds: 3`` (seeds 0, 1, 2) or ``seeds: [0, 5, 9]``; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise StudyError(f"{where}={value} must be >= 1 (the number of seeds) or a list of seeds")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(set(value)) != len(value):
+            raise StudyError(f"{where}={value} names a seed twice")
+        return list(value)
+    raise StudyError(f"{where}={value!r} must be a number of seeds (e.g. 3) or a list of integer seeds")
 
 
 def check_key(key: str, where: str) -> None:

@@ -8,6 +8,7 @@ with the same weights as an uninterrupted one (bitwise on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,10 +29,11 @@ from moe_testbed.routing.groups import describe_groups, reference_groups
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.registry import BALANCERS, ROUTERS
 from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
-from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from moe_testbed.train.distributed import DataParallel, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.progress import Progress
+from moe_testbed.train.run_dir import prepare as prepare_run_dir
 from moe_testbed.train.schedule import lr_at
 from moe_testbed.train.setup import build_optimizer, default_run_name
 from moe_testbed.train.state import LogWindow, TrainState, checkpoint_payload, fold_partial_stats, restore, rng_state
@@ -156,7 +158,7 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
         self.scalar_logger.log(record["step"], {k: v for k, v in record.items() if isinstance(v, (int, float))})
 
-    def _write_summary(self, status: str, final: dict | None = None) -> None:
+    def _write_summary(self, status: str, final: dict | None = None, reason: str | None = None) -> None:
         if self.rank != 0:
             return
         s = self.state
@@ -164,6 +166,7 @@ class Trainer:
             self.run_dir / "summary.json",
             {
                 "status": status,
+                "reason": reason,
                 "params_total": self.params["total"],
                 "params_active": self.params["active"],
                 "params_embedding": self.params["embedding"],
@@ -175,6 +178,7 @@ class Trainer:
                 "final": final or {},
                 "train_routing": s.train_routing,
                 "warnings": self.warnings,
+                "mix_fingerprint": self.mix.fingerprint,
                 "forward_microbatches": self.per_forward,
                 "global_scope": self.global_scope,
                 "domains_per_microbatch": round(s.microbatch_domains / max(s.microbatches, 1), 3),
@@ -283,9 +287,12 @@ class Trainer:
                     final = self._evaluate()
                 if s.step % t.checkpoint_every == 0 or s.step == t.steps:
                     self._checkpoint()
-        except BaseException:
+        except BaseException as exc:
             self.progress.close()
-            self._write_summary("failed", final)
+            remove_partial_checkpoints(self.run_dir)
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):  # a full disk may refuse even this small file
+                self._write_summary("failed", final, reason=reason.strip().splitlines()[0])
             raise
         self.progress.close()
         self._write_summary("complete", final)
@@ -320,9 +327,13 @@ class Trainer:
         return "\n".join(lines)
 
 
-def run_training(cfg: Config, run_dir: Path | None = None, resume: bool = False, log=print) -> tuple[Path, dict]:
-    """Train ``cfg`` into ``run_dir`` (created, or resumed when it holds a checkpoint).
+def run_training(
+    cfg: Config, run_dir: Path | None = None, resume: bool | None = None, log=print, fork_from: Path | None = None
+) -> tuple[Path, dict]:
+    """Train ``cfg`` into ``run_dir``: a new run, or the run there continued (train/run_dir.py decides).
 
+    ``resume``: True to continue the run in ``run_dir`` (``--resume``); None to start, or to continue
+    a run there with the same config. ``fork_from``: continue that run's latest checkpoint in ``run_dir``.
     Under torchrun every rank calls this; rank 0 writes the run directory and logs.
     """
     if run_dir is None:
@@ -330,13 +341,11 @@ def run_training(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     run_dir = Path(run_dir)
     dp = init_data_parallel(cfg.train.device)
     try:
+        cont = prepare_run_dir(cfg, run_dir, resume, fork_from) if dp.is_main else None
+        cont = dp.gather_objects(cont)[0]  # every rank follows rank 0's decision
         trainer = Trainer(cfg, run_dir, dp, log=log if dp.is_main else lambda *_: None)
-        if dp.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
+        if cont:
             trainer.resume()
-        elif dp.is_main:
-            cfg.save(run_dir / "config.yaml")
         trainer.log(trainer.describe())
         final = trainer.fit()
     finally:
