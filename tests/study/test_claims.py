@@ -40,8 +40,18 @@ def test_equivalence_within_a_margin():
 
 def test_indistinct_holds_until_a_pair_separates():
     assert verdict("a = n on specialization", {"a": HIGH, "n": NOISY}).verdict == "holds"
-    v = verdict("a = b = n on specialization", {"a": HIGH, "b": MID, "n": NOISY})
+    v = verdict("a = b on specialization", {"a": HIGH, "b": MID})
     assert v.verdict == "reversed" and "a - b" in v.detail
+    # Pooled over a chain, a noisy configuration widens every interval (one residual variance):
+    assert verdict("a = b = n on specialization", {"a": HIGH, "b": MID, "n": NOISY}).verdict == "holds"
+
+
+def test_a_chain_pools_its_seed_noise_which_two_seeds_alone_cannot_separate():
+    a, b, c = {0: 0.40, 1: 0.45}, {0: 0.30, 1: 0.33}, {0: 0.20, 1: 0.22}
+    pair = verdict("a > b on specialization", {"a": a, "b": b})  # paired t on 2 seeds: t(0.975, 1) = 12.7
+    assert pair.verdict == "not separated"
+    chain = verdict("a > b > c on specialization", {"a": a, "b": b, "c": c})  # df = (3 - 1)(2 - 1) = 2
+    assert chain.verdict == "holds" and chain.effect.how == "blocked t"
 
 
 def test_correlation_across_runs():

@@ -64,3 +64,17 @@ def test_spearman_rho_and_fisher_interval():
         (math.tanh(z - 1.959963984540054 * se), math.tanh(z + 1.959963984540054 * se))
     )
     assert spearman_interval([1, 2, 3], [3, 2, 1]).n == 3 and math.isnan(spearman_interval([1, 2, 3], [3, 2, 1]).low)
+
+
+def test_blocked_differences_by_hand_and_equal_to_paired_for_two():
+    from moe_testbed.study.stats import blocked_differences
+
+    vals = {"a": {0: 3.0, 1: 5.0}, "b": {0: 2.0, 1: 3.0}, "c": {0: 1.0, 1: 1.0}}
+    # residuals of the 3 x 2 table: config means 4, 2.5, 1; seed means 2, 3; grand mean 2.5
+    # r = x - row - col + grand: a: -1+... -> a(-0.5, +0.5), b(0, 0), c(+0.5, -0.5); SS = 1.0, df = 2
+    ab = blocked_differences(vals, [("a", "b"), ("b", "c")])[0]
+    half = stats.t.ppf(0.975, 2) * math.sqrt(2 * 0.5 / 2)
+    assert ab.estimate == pytest.approx(1.5) and ab.high - 1.5 == pytest.approx(half) and ab.how == "blocked t"
+    two = blocked_differences({"a": vals["a"], "b": vals["b"]}, [("a", "b")])[0]
+    paired = difference_interval(vals["a"], vals["b"])
+    assert (two.low, two.high) == pytest.approx((paired.low, paired.high))

@@ -15,7 +15,9 @@ lower. METRIC is a results column (``val/specialization/mean``) or an alias
 A correlation runs over every run (every seed) of the listed configurations,
 by default all MoE configurations of the study.
 
-Verdicts, from the 95% intervals of study/stats.py:
+Verdicts, from the 95% intervals of study/stats.py (differences among a chain's
+configurations with seeds as blocks, pooled over the chain; for a pair, the
+paired t interval):
 
 - order: ``holds`` when every adjacent difference's interval lies on the claimed
   side of 0, ``reversed`` when any lies on the other side, else ``not separated``;
@@ -39,7 +41,7 @@ from itertools import combinations
 from typing import Any
 
 from moe_testbed.study import StudyError
-from moe_testbed.study.stats import Interval, difference_interval, spearman_interval
+from moe_testbed.study.stats import Interval, blocked_differences, difference_interval, spearman_interval
 
 METRIC_ALIASES = {
     "specialization": "val/specialization/mean",
@@ -137,7 +139,8 @@ def evaluate(claim: Claim, values: Mapping[str, SeedValues], moe_configs: list[s
         return _correlation(claim, values, claim.configs or moe_configs)
     sign = -1 if lower_is_better(claim.metric) else 1
     if claim.kind == "order":
-        diffs = [_diff(by_config, a, b, sign) for a, b in zip(claim.configs, claim.configs[1:])]
+        pairs = list(zip(claim.configs, claim.configs[1:]))
+        diffs = [_signed(d, sign) for d in blocked_differences(by_config, pairs)]
         detail = "; ".join(f"{a} - {b}: {_fmt(d)}" for (a, b), d in zip(zip(claim.configs, claim.configs[1:]), diffs))
         seps = [d.separated for d in diffs]
         verdict = "reversed" if -1 in seps else "holds" if all(s == 1 for s in seps) else "not separated"
@@ -149,15 +152,15 @@ def evaluate(claim: Claim, values: Mapping[str, SeedValues], moe_configs: list[s
         outside = d.low > m or d.high < -m
         verdict = "holds" if inside else "reversed" if outside else "not separated"
         return Verdict(claim, verdict, d, f"margin {m:g}")
-    pairs = [(a, b, difference_interval(by_config[a], by_config[b])) for a, b in combinations(claim.configs, 2)]
+    combos = list(combinations(claim.configs, 2))
+    pairs = [(a, b, d) for (a, b), d in zip(combos, blocked_differences(by_config, combos))]
     apart = [(a, b, d) for a, b, d in pairs if d.separated]
     detail = "; ".join(f"{a} - {b}: {_fmt(d)}" for a, b, d in apart) or "no pair separated"
     largest = max((d for _, _, d in pairs), key=lambda d: abs(d.estimate))
     return Verdict(claim, "reversed" if apart else "holds", largest, detail)
 
 
-def _diff(by_config: SeedValues, a: str, b: str, sign: int) -> Interval:
-    d = difference_interval(by_config[a], by_config[b])
+def _signed(d: Interval, sign: int) -> Interval:
     if sign > 0:
         return d
     return Interval(-d.estimate, -d.high, -d.low, d.n, d.how)

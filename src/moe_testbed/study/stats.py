@@ -9,6 +9,11 @@ Every interval here is a two-sided 95% interval (``LEVEL``):
   seeds (the seed fixes the initialisation and the data order, so a paired
   difference removes what the two runs share), Student t on the per-seed
   differences; otherwise Welch's t with the Welch-Satterthwaite degrees of freedom;
+- the differences among several configurations (a claim's chain): seeds as
+  blocks, the residual variance of the configuration x seed table (the two-way
+  analysis of variance without replication, df = (k - 1)(n - 1)) pooled over
+  those k configurations, each difference ``+- t(0.975, df) * sqrt(2 MSE / n)``;
+  for two configurations this is exactly the paired t interval;
 - a rank correlation across runs: Spearman's rho with the Fisher z interval and
   Bonett & Wright's (2000) variance ``(1 + rho^2 / 2) / (n - 3)``.
 
@@ -117,3 +122,29 @@ def spearman_interval(x: Sequence[float], y: Sequence[float], level: float = LEV
     z, se = math.atanh(rho), math.sqrt((1 + rho**2 / 2) / (n - 3))
     q = stats.norm.ppf(0.5 + level / 2)
     return Interval(rho, math.tanh(z - q * se), math.tanh(z + q * se), n, "spearman fisher-z")
+
+
+def blocked_differences(values: Mapping[str, Mapping[int, float]], pairs: Sequence[tuple[str, str]],
+                        level: float = LEVEL) -> list[Interval]:  # fmt: skip
+    """Intervals of ``mean(a) - mean(b)`` for ``pairs``, seeds as blocks over the configurations they name.
+
+    Needs every configuration to have the same seeds (at least two); otherwise each
+    pair falls back to :func:`difference_interval`.
+    """
+    configs = list(dict.fromkeys(c for pair in pairs for c in pair))
+    clean = {c: {s: v for s, v in values[c].items() if v is not None and math.isfinite(v)} for c in configs}
+    seeds = sorted(set.intersection(*(set(clean[c]) for c in configs))) if configs else []
+    if len(configs) < 3 or len(seeds) < 2 or any(set(clean[c]) != set(seeds) for c in configs):
+        return [difference_interval(clean[a], clean[b], level) for a, b in pairs]
+    x = np.array([[clean[c][s] for s in seeds] for c in configs])  # [k, n]
+    k, n = x.shape
+    resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+    df = (k - 1) * (n - 1)
+    mse = float((resid**2).sum() / df)
+    half = stats.t.ppf(0.5 + level / 2, df) * math.sqrt(2 * mse / n)
+    means = dict(zip(configs, x.mean(1)))
+    out = []
+    for a, b in pairs:
+        d = float(means[a] - means[b])
+        out.append(Interval(d, d - half, d + half, n, "blocked t"))
+    return out
