@@ -49,7 +49,9 @@ def test_cli_build_and_info(tmp_path, data_root, user_folders, capsys):
     for name, path in user_folders.items():
         argv += ["--domain", f"{name}={path}"]
     assert run_cli(*argv) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(out)
+    assert "mix fingerprint " in printed.err  # the mix's identity, beside the path scripts read
     assert run_cli("data", "info", str(out), "--samples", "--plain") == 0
     text = capsys.readouterr().out
     for word in ("alpha", "digits", "cyr", "tokens train", "bytes/token", "user data", "Samples", "[cyr]"):

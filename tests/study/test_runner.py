@@ -142,7 +142,7 @@ def test_cli(tmp_path: Path, capsys, monkeypatch):
     assert main([str(spec), "--workers", "0"]) == 2
     monkeypatch.chdir(tmp_path)  # presets resolve from the package's repository too
     assert main(["quick", "--dry-run"]) == 0
-    assert "study quick: 6 runs" in capsys.readouterr().out
+    assert "study quick: 12 runs" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "studies")
 
 

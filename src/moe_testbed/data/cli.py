@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from moe_testbed.data.errors import DataError
@@ -54,7 +55,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(out)
     for line in identity_line(manifest, manifest["settings"]["preset"]):
-        print(line)
+        print(line, file=sys.stderr)  # stdout stays the mix's path alone, for scripts
     print(out)
     return 0
 

@@ -43,7 +43,7 @@ METRIC_KEYS = (
 # Routing means of the last training log (from summary.json): capacity drops happen here.
 TRAIN_KEYS = ("train/util/mean", "train/drop_rate/mean")
 RUN_KEYS = ("tokens_per_s", "wall_s", "steps", "tokens", "params_active", "params_total", "global_scope",
-            "forward_microbatches", "domains_per_microbatch", "mix_fingerprint")  # fmt: skip
+            "forward_microbatches", "domains_per_microbatch", "mix_fingerprint", "dtype")  # fmt: skip
 
 
 def result_path(study_dir: Path, name: str) -> Path:

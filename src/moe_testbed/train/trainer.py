@@ -20,7 +20,7 @@ from moe_testbed.allocator import keep_freed_memory
 from moe_testbed.config import Config
 from moe_testbed.data import ensure_mix
 from moe_testbed.data.loader import TrainLoader, val_batches
-from moe_testbed.devices import autocast_for
+from moe_testbed.devices import autocast_for, uses_bf16
 from moe_testbed.errors import ConfigError
 from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.model import Transformer, count_params
@@ -58,7 +58,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         keep_freed_memory()  # see allocator.py: fewer page faults per step on CPU
         self.device = self.dp.device
-        self.autocast = autocast_for(self.device, t.dtype)
+        self.bf16 = uses_bf16(t.dtype, self.device, self._matmul_probe_shape())
+        self.autocast = autocast_for(self.device, "bfloat16" if self.bf16 else "float32")
         self.mix = ensure_mix(cfg.data)
         self.domains = self.mix.domains
         torch.manual_seed(t.seed)
@@ -90,6 +91,12 @@ class Trainer:
                 f"routing.router={cfg.routing.router} is not causal: a token's expert depends on other tokens of the "
                 "batch, which a causal LM cannot see at inference; compare its loss with care"
             )
+
+    def _matmul_probe_shape(self) -> tuple[int, int, int]:
+        """(rows, inner, cols) of one expert's share of a forward: the matmul where bf16 on a CPU pays least."""
+        m, tokens = self.cfg.model, self.per_forward * self.cfg.train.micro_batch_size * self.cfg.data.seq_len
+        rows = tokens if m.dense else tokens * self.cfg.routing.top_k // m.n_experts
+        return rows, m.d_model, m.expert_hidden
 
     def _global_scope_mode(self) -> str | None:
         """``exact`` when a forward holds the rank's whole step, ``carried`` otherwise; None below global scope."""
@@ -180,6 +187,7 @@ class Trainer:
                 "warnings": self.warnings,
                 "mix_fingerprint": self.mix.fingerprint,
                 "forward_microbatches": self.per_forward,
+                "dtype": "bfloat16" if self.bf16 else "float32",
                 "global_scope": self.global_scope,
                 "domains_per_microbatch": round(s.microbatch_domains / max(s.microbatches, 1), 3),
                 "definitions": self.definitions,

@@ -1,0 +1,135 @@
+"""Expert parallelism, applied from outside the model: each rank of an expert-parallel group holds E / N experts.
+
+Tensor legend: T tokens on this rank, K experts per token, N slots (T * K), D model width,
+R slots received from the group for this rank's experts.
+
+``shard_experts(model, group)`` replaces every MoE layer's ``GroupedExperts`` by an
+:class:`ExpertParallelExperts` that keeps this rank's slice of the experts. The router
+still runs on every rank for its own tokens (data parallelism over tokens), so routing,
+balancing and statistics are exactly those of data parallelism; only the experts'
+computation moves:
+
+1. the kept slots are sorted by the rank owning their expert (expert e lives on
+   rank ``e // (E / N)``); the group exchanges how many slots each rank sends each
+   other (one small ``all_to_all_single``);
+2. the slots' hidden states and gates go to their experts' ranks
+   (``all_to_all_single`` with uneven splits), where the local experts run on them
+   as on any tokens (one slot each);
+3. the gated outputs come back by the reverse exchange and are summed per token.
+
+Both exchanges are an autograd function whose backward is the reverse exchange
+(the pattern that exits cleanly; torch's own autograd all-to-all wrappers aborted
+at interpreter exit on this project's machines, ../shared/DATA_SOURCES.md 4.4).
+An expert's gradient is the sum over every token of the group that it processed:
+the trainer scales and reduces it over the replicas of that shard (distributed.py).
+Checkpoints hold the full experts (``gather_full_experts``), so a run resumes on
+any number of ranks and any expert-parallel size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_testbed.model.experts import GroupedExperts
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        out_splits, in_splits = ctx.splits
+        back = g.new_empty(sum(in_splits), *g.shape[1:])
+        dist.all_to_all_single(back, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def exchange(x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+    return _AllToAll.apply(x, recv, send, group)
+
+
+class ExpertParallelExperts(nn.Module):
+    """This rank's experts of one MoE layer; the forward exchanges slots with the group."""
+
+    def __init__(self, full: GroupedExperts, group, rank: int, size: int):
+        super().__init__()
+        E = full.n_experts
+        self.n_experts, self.group, self.rank, self.size = E, group, rank, size
+        self.per_rank = E // size
+        lo = rank * self.per_rank
+        self.local = GroupedExperts(self.per_rank, full.d_model, full.hidden, impl=full.impl)
+        with torch.no_grad():
+            self.local.w13.copy_(full.w13[lo : lo + self.per_rank])
+            self.local.w2.copy_(full.w2[lo : lo + self.per_rank])
+
+    def forward(self, x_TD: Tensor, idx_TK: Tensor, gate_TK: Tensor, keep_TK: Tensor | None = None) -> Tensor:
+        T, K = idx_TK.shape
+        e_N = idx_TK.reshape(-1)
+        slots = torch.arange(T * K, device=idx_TK.device)
+        if keep_TK is not None:
+            slots = slots[keep_TK.reshape(-1)]
+        owner = e_N[slots] // self.per_rank
+        order = slots[torch.argsort(owner, stable=True)]  # slots grouped by the rank that owns their expert
+        send_R = torch.bincount(owner, minlength=self.size)
+        recv_R = torch.empty_like(send_R)
+        dist.all_to_all_single(recv_R, send_R, group=self.group)
+        send, recv = send_R.tolist(), recv_R.tolist()
+        tok = torch.div(order, K, rounding_mode="floor")
+        x_R = exchange(x_TD.index_select(0, tok), send, recv, self.group)
+        gate_R = exchange(gate_TK.reshape(-1).index_select(0, order)[:, None], send, recv, self.group)
+        local_R = e_N.new_empty(sum(recv), 1)  # each received slot's expert among this rank's (no gradient)
+        owned = (e_N.index_select(0, order) % self.per_rank)[:, None]
+        dist.all_to_all_single(local_R, owned.contiguous(), recv, send, group=self.group)
+        y_R = self.local(x_R, local_R, gate_R)  # each received slot is one "token" with one expert
+        y_back = exchange(y_R, recv, send, self.group)
+        return y_back.new_zeros(T, y_back.shape[1]).index_add(0, tok, y_back)
+
+
+def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
+    """Keep this rank's experts in every MoE layer of ``model`` (in place)."""
+    for layer in model.moe_layers:
+        if layer.experts.n_experts % size:
+            raise ValueError(f"{layer.experts.n_experts} experts do not split over {size} ranks")
+        layer.experts = ExpertParallelExperts(layer.experts, group, rank, size)
+
+
+def expert_shard_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that are expert shards (not replicated over the expert-parallel group)."""
+    return {n for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts) for n in (
+        f"{n}.local.w13", f"{n}.local.w2")}  # fmt: skip
+
+
+def gather_full_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (a state dict of the sharded model) with every expert shard gathered to its full shape,
+    under the names the unsharded model uses (a collective over the expert-parallel groups)."""
+    out = dict(state)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ExpertParallelExperts):
+            continue
+        for w in ("w13", "w2"):
+            shard = out.pop(f"{name}.local.{w}")
+            parts = [torch.empty_like(shard) for _ in range(mod.size)]
+            dist.all_gather(parts, shard.contiguous(), group=mod.group)
+            out[f"{name}.{w}"] = torch.cat(parts)
+    return out
+
+
+def slice_full_experts(model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse: a full state dict cut to this rank's shards, named as the sharded model names them."""
+    out = dict(full)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, ExpertParallelExperts):
+            continue
+        lo = mod.rank * mod.per_rank
+        for w in ("w13", "w2"):
+            out[f"{name}.local.{w}"] = out.pop(f"{name}.{w}")[lo : lo + mod.per_rank]
+    return out
