@@ -38,7 +38,9 @@ def test_dotted_overrides_apply_with_types():
         ("routing.noise_std=-1", "routing.noise_std=-1.0 must be >= 0"),  # a router's own knob
         ("routing.inner=random", "routing.inner='random' is not allowed: choose one of uniform, learned"),
         ("balance.sinkhorn=3", "unknown key balance.sinkhorn: allowed keys are balance.method,"),
-        ("parallel.expert_parallel=2", "parallel.expert_parallel=2 is not implemented yet"),
+        ("parallel.expert_parallel=-1", "parallel.expert_parallel=-1 must be >= 1"),
+        ("parallel.expert_parallel=16", "parallel.expert_parallel=16 must divide model.n_experts"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
     ],
 )
 def test_bad_config_fails_with_one_line(override, needle):

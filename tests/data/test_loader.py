@@ -94,6 +94,25 @@ def test_ranks_get_different_batches(mix):
         TrainLoader(mix, S, B, seed=0, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_a_resume_on_another_number_of_ranks_continues_the_global_order(mix, before, after):
+    # An uninterrupted single process draws global batches 0, 1, 2, ...; batch g of W ranks is
+    # rank g % W's local index g // W. After 2 batches per rank on `before` ranks, `after` ranks
+    # must continue at global batch 2 * before.
+    order = [b[0] for b in (TrainLoader(mix, S, B, seed=3).batch_at(g) for g in range(8))]
+    old = [TrainLoader(mix, S, B, seed=3, rank=r, world_size=before) for r in range(before)]
+    for loader in old:
+        loader.next_batch(), loader.next_batch()
+    state = old[0].state_dict()
+    for r in range(after):
+        new = TrainLoader(mix, S, B, seed=3, rank=r, world_size=after)
+        new.load_state_dict(state)
+        assert torch.equal(new.next_batch()[0], order[2 * before + r])
+    odd = TrainLoader(mix, S, B, seed=3, rank=0, world_size=3)
+    with pytest.raises(DataError, match=r"does not split over 3 ranks"):
+        odd.load_state_dict(state)
+
+
 def _domain_counts(loader, n=40):
     counts = np.zeros(3)
     for _ in range(n):

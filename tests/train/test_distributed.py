@@ -125,3 +125,25 @@ def test_two_ranks_resume_like_an_uninterrupted_run(tiny_data_dir, tmp_path, cli
     ww, wc = final_weights(whole), final_weights(cut)
     assert all(torch.equal(ww[k], wc[k]) for k in ww)
     assert metric_lines(whole) == metric_lines(cut)
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_a_resume_on_another_number_of_ranks_equals_an_uninterrupted_run(tiny_data_dir, tmp_path, cli_env, first, then):
+    # The data position is stored as batches of the global order (data/loader.py), so the run
+    # continues on the batches an uninterrupted one trains on, whatever the number of ranks.
+    overrides = ["train.steps=4", "train.grad_accum=2", "train.log_every=2", "eval.every=2", "train.checkpoint_every=2"]
+    whole, _ = run_training(tiny_cfg(tiny_data_dir, *overrides), tmp_path / "whole", log=lambda *_: None)
+    cut = tmp_path / "cut"
+    flags = [f"data.dir={tiny_data_dir}", "run.progress=none", "train.threads=1", *overrides]
+    if first == 1:
+        run_training(tiny_cfg(tiny_data_dir, *overrides), cut, log=lambda *_: None)
+    else:
+        train_two_ranks(cut, flags, cli_env)
+    shutil.rmtree(cut / "checkpoints" / "step_000004")  # as if killed after the step-2 checkpoint
+    if then == 1:
+        run_training(tiny_cfg(tiny_data_dir, *overrides), cut, resume=True, log=lambda *_: None)
+    else:
+        torchrun(["-m", "moe_testbed", "train", "--resume", str(cut)], cli_env)
+    ww, wc = final_weights(whole), final_weights(cut)
+    for k in ww:  # equal up to the order of float additions in the gradient reduction
+        torch.testing.assert_close(wc[k], ww[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -110,7 +110,12 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    expert_parallel: int = 1  # not implemented yet: any other value is refused
+    # Ranks that share one copy of the experts, each holding n_experts / expert_parallel of them
+    # (train/expert_parallel.py); the world size must be a multiple of it. 1 = data parallelism only.
+    expert_parallel: int = 1
+    # A collective that waits longer than this (a hung or stopped peer) fails the run instead of
+    # blocking for torch's default 30 minutes (train/distributed.py).
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -279,11 +284,20 @@ class Config:
                 raise ConfigError(f"{key}={value} must be > 0, or null for dropless")
         if b.z_loss < 0:
             raise ConfigError(f"balance.z_loss={b.z_loss} must be >= 0")
-        if self.parallel.expert_parallel != 1:
+        p = self.parallel
+        if p.expert_parallel < 1:
+            raise ConfigError(f"parallel.expert_parallel={p.expert_parallel} must be >= 1 (1 = no expert parallelism)")
+        if p.expert_parallel > 1 and m.dense:
             raise ConfigError(
-                f"parallel.expert_parallel={self.parallel.expert_parallel} is not implemented yet: "
-                "experts are replicated on every rank; set parallel.expert_parallel=1"
+                "parallel.expert_parallel > 1 needs an MoE model: set model.dense=false or expert_parallel=1"
             )
+        if p.expert_parallel > 1 and m.n_experts % p.expert_parallel:
+            raise ConfigError(
+                f"parallel.expert_parallel={p.expert_parallel} must divide model.n_experts={m.n_experts}: "
+                "each rank of an expert-parallel group holds the same number of experts"
+            )
+        if p.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s={p.timeout_s} must be > 0 (seconds a collective may wait)")
 
 
 # ---- helpers --------------------------------------------------------------

@@ -8,7 +8,8 @@ by one, and ``domain_ids[b, s]`` is the domain of the *input* token
 The train loader is a pure function of ``(seed, batch index, rank)``: batch
 ``i`` of rank ``r`` draws from a generator seeded with
 ``(seed, i * world_size + r)``, so ranks get different batches, and a resumed
-run gets exactly the batches it would have had. Its state is the batch index.
+run gets exactly the batches it would have had, on any number of ranks (the
+position is stored as batches of the global order). Its state is the batch index.
 
 Packing:
 
@@ -152,13 +153,23 @@ class TrainLoader:
     def load_state_dict(self, d: dict) -> None:
         if "batch_index" not in d:
             raise DataError("loader state has no batch_index: the checkpoint is not from a TrainLoader")
-        changed = [k for k, v in self.state_dict().items() if k != "batch_index" and k in d and d[k] != v]
+        layout = ("batch_index", "rank", "world_size")  # a resume on another number of ranks: see below
+        changed = [k for k, v in self.state_dict().items() if k not in layout and k in d and d[k] != v]
         if changed:
             warnings.warn(
                 f"train loader resumed with different {', '.join(changed)}: batches differ from the original run",
                 stacklevel=2,
             )
-        self.batch_index = int(d["batch_index"])
+        # Every rank has drawn batch_index batches, W of them per index: the run has consumed
+        # batch_index * W batches of the global order, whose batch g is rank g % W's index g // W.
+        # On W' ranks the same position is index consumed / W' (a step's micro-batches divide by W').
+        consumed = int(d["batch_index"]) * int(d.get("world_size", self.world_size))
+        if consumed % self.world_size:
+            raise DataError(
+                f"the checkpoint's data position ({consumed} batches) does not split over {self.world_size} ranks: "
+                "resume on a number of ranks that divides train.grad_accum"
+            )
+        self.batch_index = consumed // self.world_size
 
 
 def val_batches(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from moe_testbed.errors import UserError
 from moe_testbed.io import sha256_file
@@ -44,14 +44,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    keep: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically; ``weights``: the tensors to save instead of ``model``'s own
+    (an expert-parallel run saves its gathered, unsharded weights)."""  # fmt: skip
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        if weights is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"))
         save_state(state, tmp / "state.safetensors", tmp / "state.json")
         files = {name: sha256_file(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "format": 2, "sha256": files}, indent=2))
@@ -117,10 +129,16 @@ def verify_checkpoint(path: Path) -> int:
     return int(manifest["step"])
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, transform=None) -> dict[str, Any]:
+    """Verify and load checkpoint ``path`` into ``model``; ``transform`` maps the saved (unsharded) weights
+    to ``model``'s names and shapes (expert parallelism). Returns the training state."""
     verify_checkpoint(path)
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if transform is None:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        else:
+            missing, unexpected = model.load_state_dict(transform(load_file(str(path / "model.safetensors"))),
+                                                        strict=False)  # fmt: skip
     except RuntimeError as exc:  # a tensor of another shape
         shapes = str(exc).strip().splitlines()[-1]
         raise CheckpointError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -141,8 +142,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_data_parallel(device_name: str) -> DataParallel:
-    """One process: the identity. Under torchrun: join the process group on this rank's device."""
+def init_data_parallel(device_name: str, timeout_s: float = 600.0) -> DataParallel:
+    """One process: the identity. Under torchrun: join the process group on this rank's device.
+
+    ``timeout_s`` bounds every collective: a peer that hangs (stopped, deadlocked) fails
+    the run after that long instead of torch's default 30 minutes.
+    """
     device = resolve_device(device_name)
     world_size = launched_world_size()
     if world_size == 1:
@@ -165,5 +170,5 @@ def init_data_parallel(device_name: str) -> DataParallel:
         # Imported first, it holds no group, and closing the group ends every thread (a test checks).
         importlib.import_module("torch._dynamo")
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return DataParallel(device, rank, world_size, local_rank)

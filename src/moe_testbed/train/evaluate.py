@@ -28,12 +28,21 @@ def loss_scalars(loss_sum_C: np.ndarray, tok_sum_C: np.ndarray, domains: list[st
 
 @torch.no_grad()
 def evaluate(
-    model, val_batches, domains: list[str], groups: list[list[int]], device, autocast, group: ProcessGroup | None = None
+    model,
+    val_batches,
+    domains: list[str],
+    groups: list[list[int]],
+    device,
+    autocast,
+    group: ProcessGroup | None = None,
+    lockstep: bool = False,
 ) -> tuple[dict, RoutingTables | None]:
     """Returns (scalars for metrics.jsonl, the routing tables with reference counts; None without MoE layers).
 
     ``group`` (data-parallel ranks): each rank evaluates every N-th batch and the
     sums are reduced, so every rank returns the numbers of the whole validation set.
+    ``lockstep`` (expert parallelism: every forward is a collective): every rank runs
+    as many forwards, a rank short of batches repeating one it has without counting it.
     """
     group = group or LocalGroup()
     was_training = model.training
@@ -43,14 +52,20 @@ def evaluate(
     recorder = RoutingRecorder(max(n_layers, 1), cfg.model.n_experts, len(domains), device)
     loss_sum = np.zeros(len(domains))
     tok_sum = np.zeros(len(domains))
-    for name, inp, tgt, dom in val_batches[group.rank :: group.world_size]:
+    mine = val_batches[group.rank :: group.world_size]
+    n_forwards = -(-len(val_batches) // group.world_size) if lockstep else len(mine)
+    for i in range(n_forwards):
+        name, inp, tgt, dom = mine[i] if i < len(mine) else (mine or val_batches)[0]
+        counted = i < len(mine)
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
         ctx = RoutingContext(
             training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1),
-            microbatch_size=cfg.train.micro_batch_size, recorder=recorder if n_layers else None,
+            microbatch_size=cfg.train.micro_batch_size, recorder=recorder if n_layers and counted else None,
         )  # fmt: skip
         with autocast():
             out = model(inp, ctx, targets_BS=tgt)  # mean over the batch's targets, logits never formed
+        if not counted:
+            continue
         n_valid = (tgt != IGNORE_INDEX).sum().item()
         c = domains.index(name)
         loss_sum[c] += out.loss.item() * n_valid

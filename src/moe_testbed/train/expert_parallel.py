@@ -28,10 +28,12 @@ any number of ranks and any expert-parallel size.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe_testbed.errors import ConfigError
 from moe_testbed.model.experts import GroupedExperts
 
 
@@ -133,3 +135,136 @@ def slice_full_experts(model: nn.Module, full: dict[str, Tensor]) -> dict[str, T
         for w in ("w13", "w2"):
             out[f"{name}.local.{w}"] = out.pop(f"{name}.{w}")[lo : lo + mod.per_rank]
     return out
+
+
+class ExpertParallel:
+    """The expert-parallel side of a run: the mesh, the sharded model's gradients, norms and checkpoints.
+
+    The world is a ``DeviceMesh`` of shape ``(world / N, N)``, dims ``("dp", "ep")``:
+    consecutive ranks form an expert-parallel group (each holds E / N experts of
+    every MoE layer), and the ranks holding the same shard form a ``dp`` group
+    (torchtitan's EP-inside-DP layout). Every rank still trains on its own
+    micro-batches, so replicated parameters are averaged over the world as in
+    data parallelism; an expert shard's gradient already sums every token of its
+    group that it processed, so it is summed over the ``dp`` group and divided by
+    the world size: the same mean gradient as one process.
+    """
+
+    def __init__(self, model: nn.Module, size: int, world_size: int, device: torch.device):
+        check_expert_parallel(size, world_size)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.size, self.world_size = size, world_size
+        self.mesh = init_device_mesh(device.type, (world_size // size, size), mesh_dim_names=("dp", "ep"))
+        self.group, self.replicas = self.mesh["ep"].get_group(), self.mesh["dp"].get_group()
+        self.rank = self.mesh["ep"].get_local_rank()
+        shard_experts(model, self.group, self.rank, size)
+        self.shards = [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.local.parameters()]
+        self._shard_ids = {id(p) for p in self.shards}
+
+    def replicated(self, params) -> list[nn.Parameter]:
+        return [p for p in params if id(p) not in self._shard_ids]
+
+    def reduce_shard_gradients(self) -> None:
+        """Each shard's gradient: summed over the ranks holding that shard, divided by the world size."""
+        for p in self.shards:
+            if p.grad is None:  # no slot reached this rank's experts: in one process the tensor has zeros there
+                p.grad = torch.zeros_like(p)
+        if self.world_size > self.size:
+            for p in self.shards:
+                dist.all_reduce(p.grad, group=self.replicas)
+        for p in self.shards:
+            p.grad /= self.world_size
+
+    def clip_grad_norm(self, params, max_norm: float) -> Tensor:
+        """``clip_grad_norm_`` over the whole model: replicated gradients once, every shard of the group once."""
+        params = [p for p in params if p.grad is not None]
+        rep = [p.grad for p in self.replicated(params)]
+        sq_rep = torch.stack([g.detach().float().pow(2).sum() for g in rep]).sum() if rep else torch.zeros(())
+        sq_shard = torch.stack([p.grad.detach().float().pow(2).sum() for p in self.shards]).sum()
+        dist.all_reduce(sq_shard, group=self.group)
+        total = (sq_rep + sq_shard).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """(weights, optimizer state) as the unsharded model has them (a collective over every group)."""
+        weights = _unique_storage(gather_full_experts(model, model.state_dict()))
+        opt = optimizer.state_dict()
+        for i in self._shard_indices(optimizer):
+            st = opt["state"].get(i)
+            if st is None:
+                continue
+            opt["state"][i] = {k: self._gather(v) if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+        return weights, opt
+
+    def slice_weights(self, model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
+        return slice_full_experts(model, full)
+
+    def slice_optimizer_state(self, optimizer: torch.optim.Optimizer, opt: dict) -> dict:
+        lo = self.rank * (self.shards[0].shape[0] if self.shards else 0)
+        for i in self._shard_indices(optimizer):
+            st = opt["state"].get(i)
+            if st is None:
+                continue
+            n = self.shards[0].shape[0]
+            opt["state"][i] = {k: v[lo : lo + n].clone() if torch.is_tensor(v) and v.dim() else v
+                               for k, v in st.items()}  # fmt: skip
+        return opt
+
+    def _shard_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """The optimizer state's keys (parameter positions over its groups) that are expert shards."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        return [i for i, p in enumerate(params) if id(p) in self._shard_ids]
+
+    def _gather(self, shard: Tensor) -> Tensor:
+        parts = [torch.empty_like(shard) for _ in range(self.size)]
+        dist.all_gather(parts, shard.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+
+def _unique_storage(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the later names of tensors that share storage (tied weights), as safetensors' save_model does."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
+def rank_load_scalars(counts_LEC, layer_names: list[str], size: int, prefix: str = "") -> dict[str, float]:
+    """``{prefix}ep_load/{layer}``: the busiest expert-parallel rank's slots over the mean rank's (1 = even).
+
+    Rank j of a group holds experts ``j * E / size ..``; the ratio sets an expert-parallel
+    step's time (every rank waits for the busiest) and an inference server's tail latency.
+    """
+    L, E = counts_LEC.shape[:2]
+    per_rank_LR = counts_LEC.sum(axis=2).reshape(L, size, E // size).sum(axis=2).astype(float)
+    ratio_L = per_rank_LR.max(axis=1) / np.maximum(per_rank_LR.mean(axis=1), 1e-12)
+    out = {f"{prefix}ep_load/{name}": float(r) for name, r in zip(layer_names, ratio_L)}
+    out[f"{prefix}ep_load/mean"] = float(ratio_L.mean())
+    return out
+
+
+def check_expert_parallel(size: int, world_size: int) -> None:
+    """Refuse an expert-parallel size the launched ranks cannot form groups of (a user error)."""
+    if size > 1 and world_size == 1:
+        raise ConfigError(
+            f"parallel.expert_parallel={size} needs {size} processes (or a multiple): launch with "
+            f"torchrun --nproc_per_node {size} -m moe_testbed train ..., or set parallel.expert_parallel=1"
+        )
+    if world_size % size:
+        raise ConfigError(
+            f"parallel.expert_parallel={size} must divide the number of ranks ({world_size}): launch "
+            f"torchrun --nproc_per_node {size} (or a multiple), or set parallel.expert_parallel=1"
+        )
+
+
+def expert_parallel_for(cfg, model: nn.Module, world_size: int, device: torch.device) -> ExpertParallel | None:
+    """The run's :class:`ExpertParallel` (experts sharded in place), or None at ``parallel.expert_parallel=1``."""
+    size = cfg.parallel.expert_parallel
+    return None if size == 1 else ExpertParallel(model, size, world_size, device)

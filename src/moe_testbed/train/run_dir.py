@@ -6,7 +6,8 @@ the run's own:
 
 - keys that change nothing already trained (``RESUMABLE``: extending
   ``train.steps``, logging, evaluation and checkpoint frequency, threads,
-  progress, TensorBoard) are applied, recorded in ``config_history.jsonl`` and
+  progress, TensorBoard, the expert-parallel layout and the collective timeout:
+  a checkpoint holds the unsharded model) are applied, recorded in ``config_history.jsonl`` and
   written into ``config.yaml`` (atomically);
 - any other difference is refused with one line naming the keys and the two
   ways forward: a new ``--out``, or ``--fork NEW_DIR`` (a new run directory that
@@ -35,6 +36,7 @@ from moe_testbed.train.checkpoint import latest_checkpoint
 RESUMABLE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
     "eval.every", "eval.at_end", "run.progress", "run.tensorboard", "run.out_dir", "run.name",
+    "parallel.expert_parallel", "parallel.timeout_s",
 )  # fmt: skip
 HISTORY = "config_history.jsonl"
 ATTEMPT_FILES = ("metrics.jsonl", "summary.json", "routing", "tb", HISTORY)

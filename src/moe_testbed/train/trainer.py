@@ -32,6 +32,7 @@ from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
 from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from moe_testbed.train.distributed import DataParallel, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
+from moe_testbed.train.expert_parallel import check_expert_parallel, expert_parallel_for, rank_load_scalars
 from moe_testbed.train.progress import Progress
 from moe_testbed.train.run_dir import prepare as prepare_run_dir
 from moe_testbed.train.schedule import lr_at
@@ -48,7 +49,7 @@ class Trainer:
         """``dp``: this process's place in a data-parallel run (distributed.py); None = alone."""
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
         t = cfg.train
-        self.dp = dp or init_data_parallel(t.device)
+        self.dp = dp or init_data_parallel(t.device, cfg.parallel.timeout_s)
         self.rank, self.world_size, self.group = self.dp.rank, self.dp.world_size, self.dp.group
         self.accum = self.dp.local_accumulation(t.grad_accum)
         self.per_forward = forward_microbatches(
@@ -68,6 +69,8 @@ class Trainer:
                 "vocab_size": self.mix.vocab_size}  # fmt: skip
         self.model = Transformer(cfg, self.mix.vocab_size, info).to(self.device)
         self.dp.broadcast_model(self.model)
+        self.params = count_params(self.model)  # of the whole model, before its experts are sharded
+        self.ep = expert_parallel_for(cfg, self.model, self.world_size, self.device)  # shards the experts in place
         if self.world_size > 1:  # same weights everywhere, but each rank its own router noise
             torch.manual_seed(self.dp.rank_seed(t.seed))
         self.optimizer = build_optimizer(self.model, cfg)
@@ -82,7 +85,6 @@ class Trainer:
         n_moe = max(len(moe_layer_indices(cfg)), 1)
         self.recorder = RoutingRecorder(n_moe, cfg.model.n_experts, len(self.domains), self.device)
         self.state = TrainState(since_eval=np.zeros((n_moe, cfg.model.n_experts, len(self.domains)), dtype=np.int64))
-        self.params = count_params(self.model)
         self.warnings: list[str] = []
         self.global_scope = self._global_scope_mode()
         self.definitions = self._own_definitions()
@@ -134,8 +136,10 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return False
-        payload = load_checkpoint(ckpt, self.model)
+        payload = load_checkpoint(ckpt, self.model, self.ep.slice_weights if self.ep else None)
         self.optimizer = build_optimizer(self.model, self.cfg)
+        if self.ep:
+            payload["optimizer"] = self.ep.slice_optimizer_state(self.optimizer, payload["optimizer"])
         restore(payload, self.state, self.optimizer, self.loader, self.recorder, self.model, self.dp,
                 self.cfg.train.seed)  # fmt: skip
         if self.rank == 0:
@@ -180,6 +184,7 @@ class Trainer:
                 "tokens": s.tokens,
                 "steps": s.step,
                 "world_size": self.world_size,
+                "expert_parallel": self.cfg.parallel.expert_parallel,
                 "wall_s": round(s.wall(), 2),
                 "tokens_per_s": round(s.train_tokens / max(s.train_time, 1e-9), 1),
                 "final": final or {},
@@ -212,6 +217,8 @@ class Trainer:
             tables = self.recorder.tables(self.group)
             s.since_eval += tables.counts
             record.update(tables.scalars(self.model.moe_layer_names))
+            if self.ep:
+                record.update(rank_load_scalars(tables.counts, self.model.moe_layer_names, self.ep.size))
             self.recorder.reset()
             s.train_routing = {f"train/{k}": record[k] for k in TRAIN_ROUTING_KEYS if k in record}
         self._write_metrics(record)
@@ -221,8 +228,10 @@ class Trainer:
     def _evaluate(self) -> dict:
         s = self.state
         scalars, tables = evaluate(self.model, self.val_batches, self.domains, self.groups, self.device,
-                                   self.autocast, self.group)  # fmt: skip
+                                   self.autocast, self.group, lockstep=self.ep is not None)  # fmt: skip
         record = {"kind": "eval", "step": s.step, "tokens": s.tokens, **scalars}
+        if self.ep and tables is not None:
+            record.update(rank_load_scalars(tables.counts, self.model.moe_layer_names, self.ep.size, "val/"))
         self._write_metrics(record)
         if tables is not None and self.rank == 0:
             snap = Snapshot(s.step, self.model.moe_layer_names, self.domains, tables, self.cfg.routing.top_k,
@@ -235,9 +244,13 @@ class Trainer:
     def _checkpoint(self) -> None:
         fold_partial_stats(self.state, self.recorder, self.dp)  # collectives: every rank joins
         rng_ranks = self.dp.gather_objects(rng_state())
+        weights, optim = self.ep.full_state(self.model, self.optimizer) if self.ep else (None, None)  # collectives
         if self.rank == 0:
             payload = checkpoint_payload(self.state, self.optimizer, self.loader, self.recorder, self.model, rng_ranks)
-            save_checkpoint(self.run_dir, self.state.step, self.model, payload, self.cfg.train.keep_checkpoints)
+            if optim is not None:  # the checkpoint holds the unsharded model: it resumes at any expert-parallel size
+                payload["optimizer"] = optim
+            save_checkpoint(self.run_dir, self.state.step, self.model, payload, self.cfg.train.keep_checkpoints,
+                            weights=weights)  # fmt: skip
 
     # -- the loop -------------------------------------------------------------
     def _train_step(self) -> tuple[float, torch.Tensor]:
@@ -265,7 +278,7 @@ class Trainer:
             for kind, value in aux.items():
                 aux_acc[kind] = aux_acc.get(kind, 0.0) + value / forwards
             s.tokens += inp.numel() * self.world_size
-        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.dp)
+        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.dp, self.ep)
         s.step += 1
         # Sums stay on the device; .item() happens only on log steps, so there is no
         # host sync per micro-batch.
@@ -328,7 +341,9 @@ class Trainer:
             lines.append(
                 f"parallel    {self.world_size} data-parallel ranks on {self.device.type}, {self.accum} of the "
                 f"{cfg.train.grad_accum} micro-batches per step each"
-            )
+                + (f"; experts sharded over groups of {self.ep.size} ({cfg.model.n_experts // self.ep.size} a rank)"
+                   if self.ep else "")
+            )  # fmt: skip
         lines.append(f"forwards    {self.accum // self.per_forward} per step of {self.per_forward} micro-batches"
                      + (f"; global scope {self.global_scope}" if self.global_scope else ""))  # fmt: skip
         lines += [f"warning     {w}" for w in self.warnings]
@@ -347,8 +362,9 @@ def run_training(
     if run_dir is None:
         run_dir = Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
     run_dir = Path(run_dir)
-    dp = init_data_parallel(cfg.train.device)
+    dp = init_data_parallel(cfg.train.device, cfg.parallel.timeout_s)
     try:
+        check_expert_parallel(cfg.parallel.expert_parallel, dp.world_size)  # before anything is written
         cont = prepare_run_dir(cfg, run_dir, resume, fork_from) if dp.is_main else None
         cont = dp.gather_objects(cont)[0]  # every rank follows rank 0's decision
         trainer = Trainer(cfg, run_dir, dp, log=log if dp.is_main else lambda *_: None)
