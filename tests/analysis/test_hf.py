@@ -46,6 +46,19 @@ def save_tiny(kind: str, mix: DomainMix, out):
         for module in model.modules():  # a bias that overrides the scores: every token picks experts 6 and 7
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.copy_(torch.tensor([0.0] * 6 + [5.0, 5.0]))
+    elif kind == "llama4":  # declares its routers on the inner text model; output 1 is the logits
+        cfg = tf.Llama4TextConfig(vocab_size=len(tok), intermediate_size=64, intermediate_size_mlp=64,
+                                  num_local_experts=4, num_experts_per_tok=1, head_dim=16, **TINY)  # fmt: skip
+        model = tf.Llama4ForCausalLM(cfg)
+    elif kind == "jetmoe":  # output 0 of its gate is a sorted slot index, output 4 the logits
+        cfg = tf.JetMoeConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_key_value_heads=1,
+                              kv_channels=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=256)  # fmt: skip
+        model = tf.JetMoeForCausalLM(cfg)
+    elif kind == "doge":  # product-key routing: logits over 2 x sqrt(E) keys, not over the 16 experts
+        cfg = tf.DogeConfig(vocab_size=len(tok), intermediate_size=64, num_experts=16, num_experts_per_tok=2,
+                            is_moe=True, **TINY)  # fmt: skip
+        model = tf.DogeForCausalLM(cfg)
     else:  # a dense model: no routers
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), intermediate_size=64, **TINY))
     model.save_pretrained(out)
@@ -68,23 +81,34 @@ def test_windows_carry_the_domain_text_in_the_checkpoint_tokenization(mix):
     assert sum(windows, []) == original
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe", "llama4", "jetmoe"])
 def test_counts_are_the_routers_choices(kind, mix, tmp_path):
     model, tok = load_model(str(save_tiny(kind, mix, tmp_path / kind)), torch.device("cpu"), torch.float32)
     domains = mix.domains[:3]
     m = measure(model, tok, mix, domains, seq_len=64, tokens_per_domain=128, batch_size=2, device=torch.device("cpu"))
     k, L = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    L *= 2 if kind == "jetmoe" else 1  # JetMoE routes its attention heads too: two routers a layer
     assert m["top_k"] == k and len(m["layers"]) == L
+    # transformers lists router_logits in execution order (JetMoE: attention before MLP)
+    called = []
+    names = dict((mod, name) for name, mod in model.named_modules())
+    hooks = [mod.register_forward_hook(lambda mod, a, o: called.append(names[mod])) for mod in names
+             if names[mod] in m["layers"]]  # fmt: skip
     assert (m["counts"].sum(1) == m["tokens"] * k).all()  # every counted token has k slots
     assert (m["tokens"] == 128).all()  # the BOS-less tokenizer: exactly the requested tokens
     # Independent recount from transformers' own router_logits output (softmax top-k).
     expected = np.zeros_like(m["counts"])
     for d, name in enumerate(domains):
         for w in domain_windows(mix, name, tok, 64, 128):
+            called.clear()
             out = model(input_ids=torch.tensor([w]), output_router_logits=True)
-            for layer, logits in enumerate(out.router_logits):
-                idx = logits.softmax(-1).topk(k, dim=-1).indices
+            assert len(called) == len(out.router_logits) == L
+            for name, logits in zip(called, out.router_logits):
+                layer = m["layers"].index(name)
+                idx = logits.float().softmax(-1).topk(k, dim=-1).indices
                 expected[layer, :, d] += np.bincount(idx.flatten().numpy(), minlength=expected.shape[1])
+    for h in hooks:
+        h.remove()
     np.testing.assert_array_equal(m["counts"], expected)
     assert ((m["loss_sum"] / m["loss_n"]) > 0).all()
 
@@ -126,13 +150,30 @@ def test_cli_end_to_end_and_user_errors(mix, tmp_path, cli_env, capsys):
 
     dense = save_tiny("llama", mix, tmp_path / "dense")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text((ckpt / "config.json").read_text())
     cases = [(dense, "declares no router outputs"), (tmp_path / "nothing", "no such directory"),
-             (tmp_path / "empty", "cannot load")]  # fmt: skip
+             (tmp_path / "empty", "has no config.json; no weights"),
+             (tmp_path / "config_only", "has no weights (*.safetensors or pytorch_model*.bin); no tokenizer files"),
+             ("no-such-org/no-such-model", "no such directory, and no model of that id in the local Hugging Face cache"),
+             (save_tiny("doge", mix, tmp_path / "doge"), "gives logits over 4 entries but the config has 16 experts")]  # fmt: skip
     for model, message in cases:
         capsys.readouterr()
         assert main(["hf", str(model), *cmd[5:]]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bf16_checkpoint_is_measured_in_bf16_on_cpu(mix, tmp_path):
+    ckpt = save_tiny("mixtral", mix, tmp_path / "m")
+    model, tok = load_model(str(ckpt), torch.device("cpu"), torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    m = measure(model, tok, mix, mix.domains[:2], 64, 128, 2, torch.device("cpu"))
+    assert (m["counts"].sum(1) == m["tokens"] * 2).all() and np.isfinite(m["loss_sum"]).all()
+    fp32, _ = load_model(str(ckpt), torch.device("cpu"), torch.float32)
+    m32 = measure(fp32, tok, mix, mix.domains[:2], 64, 128, 2, torch.device("cpu"))
+    # bf16 rounding may flip a near tie, not the routing: the tables agree on almost every slot
+    assert np.abs(m["counts"] - m32["counts"]).sum() <= 0.05 * m32["counts"].sum()
 
 
 def test_find_routers_refuses_a_dense_model(mix, tmp_path):

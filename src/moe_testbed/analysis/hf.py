@@ -49,9 +49,11 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
     except ImportError:
         raise HFModelError("moe-testbed hf needs transformers: pip install 'moe-testbed[hf]'") from None
     path = Path(name).expanduser()
-    if not path.is_dir() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", name):
-        raise HFModelError(f"{name}: no such directory; pass a save_pretrained directory or a hub id (org/name) "
-                           "already in the local cache")  # fmt: skip
+    if path.is_dir():
+        check_checkpoint_dir(path)
+    elif not (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", name) and _in_hub_cache(name)):
+        raise HFModelError(f"{name}: no such directory, and no model of that id in the local Hugging Face cache "
+                           "(nothing is downloaded): pass a directory written by save_pretrained")  # fmt: skip
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name, local_files_only=True)
@@ -66,10 +68,58 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval(), tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spm.model")
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Name what a local checkpoint directory lacks, before transformers fails with a vaguer message."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise HFModelError(f"{path} has no {'; no '.join(missing)}: pass a directory written by the model's and the "
+                           "tokenizer's save_pretrained")  # fmt: skip
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def router_declaration(model):
+    """The ``OutputRecorder`` of ``router_logits`` the model (or one of its submodules) declares, or None.
+
+    Most families declare it on the top-level class; Llama4, Gemma4 and Glm4vMoe text
+    models declare it on the inner model only.
+    """
+    for module in model.modules():
+        spec = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+        if spec is not None:
+            return spec
+    return None
+
+
+def expert_count(config) -> int | None:
+    """The routed experts per MoE layer the config states, under the names transformers' families use."""
+    configs = [config, getattr(config, "text_config", None), getattr(config, "ffn_config", None)]
+    for cfg in (c for c in configs if c is not None):
+        for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
 def find_routers(model) -> list[tuple[str, torch.nn.Module]]:
     """The model's router modules, in execution (layer) order, with their module paths."""
-    recorder = getattr(model, "_can_record_outputs", None) or {}
-    spec = recorder.get("router_logits")
+    spec = router_declaration(model)
     target = getattr(spec, "target_class", None)
     if target is None:
         model_type = getattr(model.config, "model_type", type(model).__name__)
@@ -98,19 +148,37 @@ def top_k_of(config) -> int:
 
 
 class ChoiceRecorder:
-    """Forward hooks that keep each router's chosen experts, [tokens, k] per layer, for one forward."""
+    """Forward hooks that keep each router's chosen experts, [tokens, k] per layer, for one forward.
 
-    def __init__(self, routers: list[tuple[str, torch.nn.Module]], top_k: int):
-        self.top_k, self.choices = top_k, [None] * len(routers)
-        self.n_experts: int | None = None
+    The router's logits are its output number ``logits_index`` (the model's ``OutputRecorder``
+    says which). Its choice is an integer output of shape [tokens, k] when it returns one
+    (selection bias and group limits included), else top-k of the logits. Logits over another
+    number of experts than the config's are not this model's routing and are refused: never
+    a wrong table.
+    """
+
+    def __init__(self, routers: list[tuple[str, torch.nn.Module]], top_k: int, logits_index: int = 0,
+                 n_experts: int | None = None):  # fmt: skip
+        self.top_k, self.logits_index, self.choices = top_k, logits_index, [None] * len(routers)
+        self.expected, self.n_experts = n_experts, n_experts
+        self.names = [name for name, _ in routers]
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(routers)]
 
     def _hook(self, layer: int):
         def hook(module, args, output):
             outs = output if isinstance(output, (tuple, list)) else (output,)
-            logits = outs[0]
-            self.n_experts = logits.shape[-1]
-            idx = next((o for o in outs[1:] if torch.is_tensor(o) and not o.is_floating_point()), None)
+            logits = outs[self.logits_index]
+            E = logits.shape[-1]
+            if self.expected is not None and self.expected != E:
+                raise HFModelError(
+                    f"router {self.names[layer]} gives logits over {E} entries but the config has {self.expected} "
+                    f"experts: this family's routing ({type(module).__name__}) is not a top-k over expert logits, "
+                    "which moe-testbed hf cannot count yet"
+                )
+            self.n_experts = E
+            rows = logits.reshape(-1, E).shape[0]
+            idx = next((o for o in outs if torch.is_tensor(o) and not o.is_floating_point() and o.dim() >= 2
+                        and o.shape[-1] == self.top_k and o.reshape(-1, self.top_k).shape[0] == rows), None)  # fmt: skip
             if idx is None:  # only logits: top-k of logits = top-k of softmax probabilities
                 idx = logits.topk(self.top_k, dim=-1).indices
             self.choices[layer] = idx.reshape(-1, idx.shape[-1]).detach()
@@ -149,7 +217,8 @@ def measure(model, tokenizer, mix: DomainMix, domains: list[str], seq_len: int, 
     """Counts [L, E, D], tokens [L, D], loss sums [D] and predicted-token counts [D] on the mix."""
     routers = find_routers(model)
     top_k = top_k_of(model.config)
-    rec = ChoiceRecorder(routers, top_k)
+    spec = router_declaration(model)
+    rec = ChoiceRecorder(routers, top_k, getattr(spec, "index", None) or 0, expert_count(model.config))
     bos = tokenizer.bos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     L, D = len(routers), len(domains)

@@ -5,7 +5,8 @@ A configuration is a run without its seed (``lbl-global`` for the runs
 configuration: the number of seeds and, for every metric, the mean, the sample
 standard deviation and the 95% Student t interval of the mean (study/stats.py).
 ``verdicts.json`` and ``verdicts.csv`` hold every claim of the spec with its
-verdict and effect (study/claims.py). Both are rebuilt with the results table,
+verdict and effect (study/claims.py); ``tables.md`` both as Markdown
+(study/markdown.py). All are rebuilt with the results table,
 from the same records, so a resumed or partial study's files are always current.
 """
 
@@ -19,9 +20,10 @@ from typing import Any
 
 from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.study.claims import Verdict, evaluate, format_effect, parse_claim
+from moe_testbed.study.markdown import tables_markdown
 from moe_testbed.study.stats import mean_interval, sample_std
 
-SUMMARY_FILE, VERDICTS_FILE = "summary.csv", "verdicts.json"
+SUMMARY_FILE, VERDICTS_FILE, TABLES_FILE = "summary.csv", "verdicts.json", "tables.md"
 
 
 def seed_values(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, dict[str, dict[int, float]]]:
@@ -71,6 +73,8 @@ def write_summary(study_dir: Path, plan: dict[str, Any], rows: list[dict[str, An
     vrows = [{"claim": v.claim.text, "verdict": v.verdict, "effect": format_effect(v.effect), "detail": v.detail,
               "source": v.claim.source} for v in verdicts]  # fmt: skip
     atomic_write_text(Path(study_dir) / "verdicts.csv", _csv(vrows, ["claim", "verdict", "effect", "detail", "source"]))
+    name = plan.get("study") or Path(study_dir).name
+    atomic_write_text(Path(study_dir) / TABLES_FILE, tables_markdown(name, table, [v.to_json() for v in verdicts]))
 
 
 def read_verdicts(study_dir: Path) -> list[dict[str, Any]]:
