@@ -45,7 +45,7 @@ def uses_bf16(dtype: str, device: torch.device, probe_shape: tuple[int, int, int
 
     ``probe_shape`` = (rows, inner, cols) of the run's smallest hot matmul (one
     expert's share of a forward): bf16 on a CPU wins at large matmuls and loses
-    at small ones (docs/performance.md#bf16-on-cpu). Without a shape, ``auto``
+    at small ones (docs/benchmarks.md#bf16-on-a-cpu). Without a shape, ``auto``
     means fp32 on CPU.
     """
     if dtype != "auto":

@@ -52,6 +52,7 @@ def _complete(cfg, run_dir: Path) -> dict:
 def run_ok(cfg, run_dir: Path, resume: bool) -> dict:
     _attempt(run_dir, resume)
     (run_dir / "threads.txt").write_text(f"{os.environ.get('OMP_NUM_THREADS')} {cfg.train.threads}")
+    (run_dir / "gpu.txt").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "none"))
     return _complete(cfg, run_dir)
 
 

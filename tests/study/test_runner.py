@@ -182,3 +182,21 @@ def test_a_claim_must_name_configurations_of_the_study(tmp_path: Path):
     spec = write_spec(tmp_path / "s.yaml", grid=GRID, claims=["global > nowhere on purity"])
     with pytest.raises(StudyError, match="names 'nowhere', which is not a configuration"):
         run(spec, tmp_path / "study", "run_ok")
+
+
+def test_each_worker_gets_its_own_gpu(tmp_path: Path, monkeypatch):
+    from moe_testbed.study.pool import least_busy_gpu, visible_gpus
+
+    assert least_busy_gpu(["3", "5"], []) == "3"
+    assert least_busy_gpu(["3", "5"], ["3"]) == "5"
+    assert least_busy_gpu(["3", "5"], ["3", "5", "5"]) == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus() == ["3", "5"]
+    spec = write_spec(tmp_path / "s.yaml", grid=GRID)
+    code, text = run(spec, tmp_path / "study", "run_ok")
+    assert code == 0, text
+    # two workers on two GPUs: the first two runs start together, one on each
+    seen = [(tmp_path / f"study/runs/{n}/gpu.txt").read_text() for n in GRID["balance.scope"]]
+    assert seen[:2] == ["3", "5"] and seen[2] in ("3", "5")

@@ -46,12 +46,17 @@ def run_jobs(
     progress = StudyProgress(len(queue), remaining, mode, stream)
     pending, running = deque(queue), {}
     env = _worker_env(threads)
+    gpus = visible_gpus()
     previous = _on_sigterm_interrupt()
     try:
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.popleft()
-                _launch(job, study_dir, run_fn, env, progress)
+                job_env = env
+                if gpus:  # one GPU per worker: the least busy one
+                    job.extra["gpu"] = least_busy_gpu(gpus, [j.extra.get("gpu") for j in running.values()])
+                    job_env = {**env, "CUDA_VISIBLE_DEVICES": job.extra["gpu"]}
+                _launch(job, study_dir, run_fn, job_env, progress)
                 running[job.run.name] = job
             time.sleep(POLL_S)
             for name, job in list(running.items()):
@@ -136,6 +141,23 @@ def _stop(jobs: list[Job], study_dir: Path, grace: float) -> None:
             job.proc.kill()
             job.proc.wait()
         _collect(job, job.proc.returncode, study_dir)
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices workers may use (``CUDA_VISIBLE_DEVICES``'s entries, else every device); [] on CPU."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    if "torch" not in sys.modules and not Path("/proc/driver/nvidia/gpus").is_dir():
+        return []  # no NVIDIA driver: do not pay for importing torch in the study process
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def least_busy_gpu(gpus: list[str], busy: list[str | None]) -> str:
+    """The device with the fewest running workers (the first of them on a tie)."""
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
 
 
 def _worker_env(threads: int) -> dict[str, str]:
