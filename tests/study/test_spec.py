@@ -129,7 +129,9 @@ def test_missing_spec_and_base_are_study_errors(tmp_path: Path):
         load_spec(path)
 
 
-@pytest.mark.parametrize("name, n_runs", [("quick", 12), ("scope", 63), ("design-choices", 36), ("tiny", 2)])
+@pytest.mark.parametrize(
+    "name, n_runs", [("quick", 12), ("scope", 63), ("design-choices", 36), ("scale", 15), ("tiny", 2)]
+)
 def test_presets_load_and_expand(name: str, n_runs: int, monkeypatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)  # presets are found from the package's repository, not only from ./configs
     assert name in preset_names()

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run a study: a grid of runs in parallel, resumable, with a results table and a report",
         description=DESCRIPTION,
     )
-    p.add_argument("spec", metavar="SPEC", help="preset name (quick, scope, design-choices, tiny) or a YAML file")
+    p.add_argument(
+        "spec", metavar="SPEC", help="preset name (quick, scope, design-choices, scale, tiny) or a YAML file"
+    )
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,
