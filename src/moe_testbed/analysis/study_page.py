@@ -45,14 +45,23 @@ class StudyOverview:
     notes: list[str] = field(default_factory=list)
 
 
-def mean_text(row: dict[str, Any], metric: str) -> str:
-    """``mean ± half-width`` of the 95% interval (the mean alone for one seed)."""
+def interval_of(row: dict[str, Any], metric: str) -> tuple[float, float | None, float | None] | None:
+    """(mean, low, high) of a summary.csv row's metric; no bounds with one seed; None without a mean."""
     mean, lo, hi = (row.get(f"{metric} {k}") for k in ("mean", "low", "high"))
     if not _finite(mean):
-        return "–"
+        return None
     if not (_finite(lo) and _finite(hi)):
-        return f"{float(mean):.3f}"
-    return f"{float(mean):.3f} ± {(float(hi) - float(lo)) / 2:.3f}"
+        return float(mean), None, None
+    return float(mean), float(lo), float(hi)
+
+
+def mean_text(row: dict[str, Any], metric: str) -> str:
+    """``mean ± half-width`` of the 95% interval (the mean alone for one seed)."""
+    iv = interval_of(row, metric)
+    if iv is None:
+        return "–"
+    mean, lo, hi = iv
+    return f"{mean:.3f}" if lo is None else f"{mean:.3f} ± {(hi - lo) / 2:.3f}"
 
 
 def summary_table(overview: StudyOverview) -> tuple[list[str], list[list[str]]]:

@@ -7,8 +7,9 @@ seeds and its 95% Student t interval (study/stats.py); one seed shows the value 
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from moe_testbed.analysis.study_page import interval_of
 
 # (column title, results column, digits) of the summary table, where the study has the column
 COLUMNS = [
@@ -28,8 +29,7 @@ def tables_markdown(study: str, summary: list[dict[str, Any]], verdicts: list[di
             parts.append(f"| {v['claim']} | {v['verdict']} | {_effect(v.get('effect'))} | {v.get('source') or ''} |")
         parts.append("")
     # a column where some configuration has a value other than 0 (no drop-rate column in a dropless study)
-    cols = [(t, key, d) for t, key, d in COLUMNS if any(_finite(r.get(f"{key} mean")) and r[f"{key} mean"] != 0
-                                                        for r in summary)]  # fmt: skip
+    cols = [(t, key, d) for t, key, d in COLUMNS if any((interval_of(r, key) or (0,))[0] != 0 for r in summary)]
     parts += ["| configuration | seeds | " + " | ".join(t for t, _, _ in cols) + " |",
               "| --- | --- |" + " --- |" * len(cols)]  # fmt: skip
     for row in summary:
@@ -38,17 +38,12 @@ def tables_markdown(study: str, summary: list[dict[str, Any]], verdicts: list[di
     return "\n".join(parts) + "\n"
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
 def _cell(row: dict[str, Any], key: str, digits: int) -> str:
-    mean, lo, hi = (row.get(f"{key} {s}") for s in ("mean", "low", "high"))
-    if not _finite(mean):
+    iv = interval_of(row, key)
+    if iv is None:
         return "-"
-    if not (_finite(lo) and _finite(hi)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    mean, lo, hi = iv
+    return f"{mean:.{digits}f}" if lo is None else f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _effect(eff: dict[str, Any] | None) -> str:
