@@ -84,9 +84,8 @@ def run_study(
     runs = expand(spec, parse_cli_overrides(overrides), seeds)
     chosen = select(runs, only)
     study_dir = Path(out) if out else Path("studies") / spec.name
-    varied = spec.varied_keys() + (
-        ["train.seed"] if seeds is not None and "train.seed" not in spec.varied_keys() else []
-    )
+    seed_key = ["train.seed"] if seeds is not None and "train.seed" not in spec.varied_keys() else []
+    varied = spec.varied_keys() + seed_key
     jobs, workers, threads = _plan_jobs(runs, chosen, study_dir, varied, workers)
     cores, n_todo = usable_cores(), sum(j.state.action in ("start", "resume") for j in jobs)
     n_skip = sum(j.state.action == "skip" for j in jobs)
