@@ -147,3 +147,19 @@ def test_a_resume_on_another_number_of_ranks_equals_an_uninterrupted_run(tiny_da
     ww, wc = final_weights(whole), final_weights(cut)
     for k in ww:  # equal up to the order of float additions in the gradient reduction
         torch.testing.assert_close(wc[k], ww[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_rank_that_sees_another_checkpoint_is_refused(tmp_path):
+    from moe_testbed.train.checkpoint import checkpoint_identity
+    from moe_testbed.train.distributed import check_same_checkpoint
+
+    a, b = tmp_path / "step_000004", tmp_path / "other" / "step_000004"
+    for path, text in ((a, '{"step": 4}'), (b, '{"step": 4, "x": 1}')):
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(text)
+    same = checkpoint_identity(a)
+    check_same_checkpoint([same, same], tmp_path)  # shared storage: every rank sees rank 0's file
+    with pytest.raises(ConfigError, match=r"rank 1 sees checkpoint None .* storage all nodes share"):
+        check_same_checkpoint([same, None], tmp_path)  # a node with its own disk: no checkpoint there
+    with pytest.raises(ConfigError, match=r"rank 1 sees checkpoint step_000004:"):
+        check_same_checkpoint([same, checkpoint_identity(b)], tmp_path)  # same step, another file

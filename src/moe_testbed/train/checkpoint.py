@@ -12,6 +12,7 @@ else wrote cannot execute code.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +98,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     return done[-1] if done else None
+
+
+def checkpoint_identity(path: Path | None) -> str | None:
+    """``step_NNNNNN:<manifest digest>`` of a checkpoint (None for none): equal only for the same checkpoint."""
+    if path is None:
+        return None
+    try:
+        return f"{path.name}:{hashlib.sha256((path / 'manifest.json').read_bytes()).hexdigest()[:16]}"
+    except OSError:
+        return f"{path.name}:unreadable"
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

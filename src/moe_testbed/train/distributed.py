@@ -138,6 +138,20 @@ def _buckets(grads: list[Tensor], limit: int):
         yield bucket
 
 
+def check_same_checkpoint(identities: list[str | None], run_dir) -> None:
+    """Refuse a resume where some rank sees another latest checkpoint than rank 0 (``identities`` in rank order).
+
+    Rank 0 alone writes checkpoints and every rank loads one, so on nodes with local disks
+    the other ranks would resume from another step, or from none, and fall out of step.
+    """
+    for rank, seen in enumerate(identities):
+        if seen != identities[0]:
+            raise ConfigError(
+                f"rank {rank} sees checkpoint {seen} in {run_dir} but rank 0 sees {identities[0]}: every rank "
+                "resumes from rank 0's checkpoint, so the run directory must be on storage all nodes share"
+            )
+
+
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -29,8 +29,14 @@ from moe_testbed.routing.groups import describe_groups, reference_groups
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.registry import BALANCERS, ROUTERS
 from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
-from moe_testbed.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
-from moe_testbed.train.distributed import DataParallel, init_data_parallel
+from moe_testbed.train.checkpoint import (
+    checkpoint_identity,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from moe_testbed.train.distributed import DataParallel, check_same_checkpoint, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.expert_parallel import check_expert_parallel, expert_parallel_for, rank_load_scalars
 from moe_testbed.train.progress import Progress
@@ -134,6 +140,8 @@ class Trainer:
 
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.run_dir)
+        if self.world_size > 1:  # every rank must load the checkpoint rank 0 wrote
+            check_same_checkpoint(self.dp.gather_objects(checkpoint_identity(ckpt)), self.run_dir)
         if ckpt is None:
             return False
         payload = load_checkpoint(ckpt, self.model, self.ep.slice_weights if self.ep else None)
