@@ -93,6 +93,15 @@ def test_expert_parallel_training_equals_one_process(tiny_data_dir, tmp_path, cl
     summary = json.loads((two / "summary.json").read_text())
     assert summary["expert_parallel"] == 2 and summary["world_size"] == 2
 
+    # A one-process checkpoint resumes under EP=2 (the experts and their AdamW moments sliced).
+    cut = tmp_path / "cut"
+    shutil.copytree(one, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000004")
+    torchrun(["-m", "moe_testbed", "train", "--resume", str(cut), "parallel.expert_parallel=2"], cli_env)
+    wc = final_weights(cut)
+    for k in w1:
+        torch.testing.assert_close(wc[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
     # The unsharded checkpoint resumes in one process: 2 more steps equal 6 uninterrupted ones.
     shutil.rmtree(two / "checkpoints" / "step_000004")
     longer = [*EP_RUN, "train.steps=6"]
