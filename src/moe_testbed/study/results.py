@@ -12,15 +12,13 @@ no row is lost, and since rows are keyed by run name, none is duplicated.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text
+from moe_testbed.io import atomic_write, atomic_write_json, atomic_write_text, csv_text
 from moe_testbed.study.locks import FileLock
 from moe_testbed.study.summary import write_summary
 
@@ -101,7 +99,7 @@ def rebuild_table(study_dir: Path) -> list[dict[str, Any]]:
     study_dir = Path(study_dir)
     with FileLock(study_dir / TABLE_LOCK):
         rows, columns = table_rows(study_dir)
-        atomic_write_text(study_dir / "results.csv", _csv_text(rows, columns))
+        atomic_write_text(study_dir / "results.csv", csv_text(rows, columns))
         _write_parquet(study_dir / "results.parquet", rows, columns)
         write_summary(study_dir, read_plan(study_dir), rows, [*METRIC_KEYS, *TRAIN_KEYS])
     return rows
@@ -157,15 +155,6 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return value
-
-
-def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    return buf.getvalue()
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -12,13 +12,11 @@ from the same records, so a resumed or partial study's files are always current.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from moe_testbed.io import atomic_write_json, atomic_write_text
+from moe_testbed.io import atomic_write_json, atomic_write_text, csv_text
 from moe_testbed.study.claims import Verdict, evaluate, format_effect, parse_claim
 from moe_testbed.study.markdown import tables_markdown
 from moe_testbed.study.stats import mean_interval, sample_std
@@ -67,12 +65,14 @@ def study_verdicts(plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[Ver
 
 def write_summary(study_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], metrics: list[str]) -> None:
     table, columns = summary_rows(rows, metrics)
-    atomic_write_text(Path(study_dir) / SUMMARY_FILE, _csv(table, columns))
+    atomic_write_text(Path(study_dir) / SUMMARY_FILE, csv_text(table, columns))
     verdicts = study_verdicts(plan, rows)
     atomic_write_json(Path(study_dir) / VERDICTS_FILE, [v.to_json() for v in verdicts])
     vrows = [{"claim": v.claim.text, "verdict": v.verdict, "effect": format_effect(v.effect), "detail": v.detail,
               "source": v.claim.source} for v in verdicts]  # fmt: skip
-    atomic_write_text(Path(study_dir) / "verdicts.csv", _csv(vrows, ["claim", "verdict", "effect", "detail", "source"]))
+    atomic_write_text(
+        Path(study_dir) / "verdicts.csv", csv_text(vrows, ["claim", "verdict", "effect", "detail", "source"])
+    )
     name = plan.get("study") or Path(study_dir).name
     atomic_write_text(Path(study_dir) / TABLES_FILE, tables_markdown(name, table, [v.to_json() for v in verdicts]))
 
@@ -105,12 +105,3 @@ def _effect_text(eff: dict[str, Any]) -> str:
     if lo is None or hi is None:
         return f"{est:+.3g} (no interval: {eff.get('n', 0)} seed{'s' if eff.get('n') != 1 else ''})"
     return f"{est:+.3g} [{lo:+.3g}, {hi:+.3g}]"
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    return buf.getvalue()

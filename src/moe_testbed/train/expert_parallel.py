@@ -21,7 +21,7 @@ Both exchanges are an autograd function whose backward is the reverse exchange
 (the pattern that exits cleanly; torch's own autograd all-to-all wrappers aborted
 at interpreter exit on this project's machines, ../shared/DATA_SOURCES.md 4.4).
 An expert's gradient is the sum over every token of the group that it processed:
-the trainer scales and reduces it over the replicas of that shard (distributed.py).
+:class:`ExpertParallel` sums it over the replicas of that shard and divides by the world size.
 Checkpoints hold the full experts (``gather_full_experts``), so a run resumes on
 any number of ranks and any expert-parallel size.
 """
@@ -104,12 +104,6 @@ def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
         layer.experts = ExpertParallelExperts(layer.experts, group, rank, size)
 
 
-def expert_shard_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that are expert shards (not replicated over the expert-parallel group)."""
-    return {n for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts) for n in (
-        f"{n}.local.w13", f"{n}.local.w2")}  # fmt: skip
-
-
 def gather_full_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` (a state dict of the sharded model) with every expert shard gathered to its full shape,
     under the names the unsharded model uses (a collective over the expert-parallel groups)."""
@@ -158,6 +152,7 @@ class ExpertParallel:
         self.mesh = init_device_mesh(device.type, (world_size // size, size), mesh_dim_names=("dp", "ep"))
         self.group, self.replicas = self.mesh["ep"].get_group(), self.mesh["dp"].get_group()
         self.rank = self.mesh["ep"].get_local_rank()
+        self.model = model
         shard_experts(model, self.group, self.rank, size)
         self.shards = [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.local.parameters()]
         self._shard_ids = {id(p) for p in self.shards}
@@ -200,18 +195,19 @@ class ExpertParallel:
             opt["state"][i] = {k: self._gather(v) if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
         return weights, opt
 
-    def slice_weights(self, model: nn.Module, full: dict[str, Tensor]) -> dict[str, Tensor]:
-        return slice_full_experts(model, full)
+    def slice_weights(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unsharded weights (a checkpoint's) cut to this rank's shards, named as the sharded model names them."""
+        return slice_full_experts(self.model, full)
 
     def slice_optimizer_state(self, optimizer: torch.optim.Optimizer, opt: dict) -> dict:
-        lo = self.rank * (self.shards[0].shape[0] if self.shards else 0)
+        """The inverse of :meth:`full_state` for the optimizer: this rank's rows of each shard's moments."""
+        n = self.shards[0].shape[0]  # experts per rank
+        lo = self.rank * n
         for i in self._shard_indices(optimizer):
             st = opt["state"].get(i)
-            if st is None:
-                continue
-            n = self.shards[0].shape[0]
-            opt["state"][i] = {k: v[lo : lo + n].clone() if torch.is_tensor(v) and v.dim() else v
-                               for k, v in st.items()}  # fmt: skip
+            if st is not None:
+                opt["state"][i] = {k: v[lo : lo + n].clone() if torch.is_tensor(v) and v.dim() else v
+                                   for k, v in st.items()}  # fmt: skip
         return opt
 
     def _shard_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:

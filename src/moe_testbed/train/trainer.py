@@ -9,7 +9,6 @@ with the same weights as an uninterrupted one (bitwise on CPU).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import time
 from pathlib import Path
@@ -145,9 +144,7 @@ class Trainer:
             check_same_checkpoint(self.dp.gather_objects(checkpoint_identity(ckpt)), self.run_dir)
         if ckpt is None:
             return False
-        payload = load_checkpoint(
-            ckpt, self.model, functools.partial(self.ep.slice_weights, self.model) if self.ep else None
-        )
+        payload = load_checkpoint(ckpt, self.model, self.ep.slice_weights if self.ep else None)
         self.optimizer = build_optimizer(self.model, self.cfg)
         if self.ep:
             payload["optimizer"] = self.ep.slice_optimizer_state(self.optimizer, payload["optimizer"])
