@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from moe_testbed.train.ddp import GradientSync  # noqa: E402
 from moe_testbed.train.distributed import DataParallel, init_data_parallel  # noqa: E402
 from moe_testbed.train.step import micro_step, optimizer_step  # noqa: E402
 from tests.routing.toy import batch, make_cfg, make_model  # noqa: E402
@@ -46,6 +47,7 @@ def run_case(name: str, dp: DataParallel, per_forward: int) -> dict:
     model = make_model(cfg)
     dp.broadcast_model(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sync = GradientSync(model, dp.world_size)
     W, rank, local = dp.world_size, dp.rank, ACCUM // dp.world_size
     forwards = local // per_forward
     chosen: dict[int, list] = {}
@@ -69,12 +71,14 @@ def run_case(name: str, dp: DataParallel, per_forward: int) -> dict:
                 batch(step * ACCUM + (f * per_forward + i) * W + rank, MBS, SEQ, pad=0) for i in range(per_forward)
             ]
             ids, tgt, dom = (torch.cat(x) for x in zip(*parts))
-            ce, aux = micro_step(model, ids, tgt, dom.view(-1, SEQ), step=step, microbatch=f * per_forward,
-                                 accum=forwards, microbatch_size=MBS, whole_step=forwards == 1,
-                                 group=dp.group)  # fmt: skip
+            with sync.forward(last=f == forwards - 1) as module:
+                ce, aux = micro_step(module, ids, tgt, dom.view(-1, SEQ), step=step, microbatch=f * per_forward,
+                                     accum=forwards, microbatch_size=MBS, whole_step=forwards == 1,
+                                     group=dp.group)  # fmt: skip
             total += (ce + sum(aux.values())) / forwards
         losses.append(float(dp.sum({"l": total})["l"]) / W)
-        optimizer_step(model, opt, None, step + 1, dp)
+        optimizer_step(model, opt, None, step + 1)
+    sync.close()
     merged = {}
     for part in dp.gather_objects(chosen):
         merged.update(part)

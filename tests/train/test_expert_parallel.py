@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from moe_testbed.analysis.report import write_report
+from moe_testbed.analysis.rundir import load_run
 from moe_testbed.config import ConfigError
 from moe_testbed.train.expert_parallel import rank_load_scalars
 from moe_testbed.train.trainer import run_training
@@ -92,6 +94,11 @@ def test_expert_parallel_training_equals_one_process(tiny_data_dir, tmp_path, cl
     assert all(r["val/ep_load/mean"] >= 1.0 for r in evals)  # the per-rank load of the expert shards
     summary = json.loads((two / "summary.json").read_text())
     assert summary["expert_parallel"] == 2 and summary["world_size"] == 2
+    run = load_run(two)  # the report shows the load
+    assert set(run.ep_load) == {"validation", "training"} and run.ep_load["validation"] == evals[-1]["val/ep_load/mean"]
+    html = write_report([two], tmp_path / "report").read_text()
+    assert "EP rank load, busiest / mean" in html and f"validation {evals[-1]['val/ep_load/mean']:.3f}" in html
+    assert load_run(one).ep_load == {}
 
     # A one-process checkpoint resumes under EP=2 (the experts and their AdamW moments sliced).
     cut = tmp_path / "cut"

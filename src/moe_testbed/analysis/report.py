@@ -176,6 +176,8 @@ def _run_section(page: _Page, run: Run, name: str, prefix: str, steps: Sequence[
         ("tokens/s", _fmt(run.summary.get("tokens_per_s"))),
         ("wall time", _fmt(run.summary.get("wall_s"), " s")),
     ]
+    if run.ep_load:  # expert parallelism: the busiest rank's slots over the mean rank's (docs/metrics.md)
+        facts.append(("EP rank load, busiest / mean", ", ".join(f"{k} {v:.3f}" for k, v in run.ep_load.items())))
     flat = flatten(run.config)
     for key in (k for k in KEY_CONFIG if k in flat):
         value = flat[key]

@@ -26,6 +26,7 @@ import yaml
 from moe_testbed.errors import UserError
 from moe_testbed.routing import tables
 from moe_testbed.routing.tables import Snapshot
+from moe_testbed.train.run_dir import summary_status
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
@@ -56,7 +57,18 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(self.summary.get("status", "unknown"))
+        return summary_status(self.summary)  # "killed" for a run that says running but died without a word
+
+    @property
+    def ep_load(self) -> dict[str, float]:
+        """Expert-parallel rank load (``ep_load/mean``): at the last evaluation and the last training log, if logged."""
+        out = {}
+        if isinstance(self.final.get("val/ep_load/mean"), int | float):
+            out["validation"] = float(self.final["val/ep_load/mean"])
+        logged = [r for r in self.train if isinstance(r.get("ep_load/mean"), int | float)]
+        if logged:
+            out["training"] = float(logged[-1]["ep_load/mean"])
+        return out
 
     @property
     def tokens(self) -> int | None:

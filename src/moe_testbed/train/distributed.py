@@ -11,14 +11,8 @@ The model stays single-device; data parallelism is applied from outside, here:
   the same config trains on the same global batch at any N. Rank r's j-th
   micro-batch is batch ``j * N + r`` of the data order, so a step covers the same
   batches as in one process, and the weights match it up to float rounding;
-- gradients are averaged once per optimizer step, after accumulation, in flat
-  buckets. A hand-rolled reduction instead of ``DistributedDataParallel``: DDP
-  fails when a parameter gets no gradient on some rank unless it searches the
-  graph every step (``find_unused_parameters``), and a router can leave one
-  unused (an expert no token chose, if its code skips it); here a one-byte flag
-  per tensor says which gradients exist on any rank, the others stay None as in
-  one process. Reducing after the last backward gives up DDP's overlap of
-  communication with the backward pass, which is small at this testbed's sizes;
+- gradients are averaged by torch's ``DistributedDataParallel``, overlapped with the
+  backward of the step's last forward (train/ddp.py);
 - routing statistics, losses and evaluation are summed over ranks, so rank 0
   logs the same numbers as one process would; only rank 0 writes files.
 
@@ -40,9 +34,6 @@ from torch import Tensor
 from moe_testbed.devices import resolve_device
 from moe_testbed.errors import ConfigError
 from moe_testbed.routing.scope import LocalGroup, TorchDistributedGroup
-
-# Gradients are reduced in flat buckets of at most this many bytes (DDP's default is 25 MiB).
-BUCKET_BYTES = 25 << 20
 
 
 class DataParallel:
@@ -67,26 +58,6 @@ class DataParallel:
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(t.data, src=0)
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Mean of every rank's accumulated gradient, in place (call once per optimizer step)."""
-        if self.world_size == 1:
-            return
-        params = [p for p in params if p.requires_grad]
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        grads = []
-        for p, anywhere in zip(params, has.tolist()):
-            if anywhere and p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if anywhere:
-                grads.append(p.grad)
-        for bucket in _buckets(grads, BUCKET_BYTES):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            flat /= self.world_size
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))
 
     def sum(self, tables: dict[str, Tensor]) -> dict[str, Tensor]:
         """Element-wise sums over ranks of host or device tensors (returned where they were)."""
@@ -124,18 +95,6 @@ def local_accumulation(grad_accum: int, world_size: int) -> int:
             f"by them: use train.grad_accum={max(1, grad_accum // world_size) * world_size}"
         )
     return grad_accum // world_size
-
-
-def _buckets(grads: list[Tensor], limit: int):
-    bucket, size = [], 0
-    for g in grads:
-        if bucket and (size + g.numel() * g.element_size() > limit or g.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-    if bucket:
-        yield bucket
 
 
 def check_same_checkpoint(identities: list[str | None], run_dir) -> None:

@@ -155,10 +155,10 @@ class ExpertParallel:
         self.model = model
         shard_experts(model, self.group, self.rank, size)
         self.shards = [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.local.parameters()]
-        self._shard_ids = {id(p) for p in self.shards}
+        self.shard_ids = {id(p) for p in self.shards}  # left out of DDP (train/ddp.py)
 
     def replicated(self, params) -> list[nn.Parameter]:
-        return [p for p in params if id(p) not in self._shard_ids]
+        return [p for p in params if id(p) not in self.shard_ids]
 
     def reduce_shard_gradients(self) -> None:
         """Each shard's gradient: summed over the ranks holding that shard, divided by the world size."""
@@ -213,7 +213,7 @@ class ExpertParallel:
     def _shard_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
         """The optimizer state's keys (parameter positions over its groups) that are expert shards."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        return [i for i, p in enumerate(params) if id(p) in self._shard_ids]
+        return [i for i, p in enumerate(params) if id(p) in self.shard_ids]
 
     def _gather(self, shard: Tensor) -> Tensor:
         parts = [torch.empty_like(shard) for _ in range(self.size)]

@@ -21,7 +21,9 @@ over, after clearing what the dead attempt wrote, and says so.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,23 @@ def record(run_dir: Path, changes: dict[str, tuple[Any, Any]], how: str) -> None
     path = Path(run_dir) / HISTORY
     before = path.read_text() if path.is_file() else ""
     atomic_write_text(path, before + json.dumps(line, default=str) + "\n")
+
+
+def summary_status(summary: dict[str, Any]) -> str:
+    """The run's status as ``summary.json`` has it, except ``killed`` for a run that says ``running`` but is not.
+
+    A process killed without a word (SIGKILL, the out-of-memory killer, torchrun tearing
+    the ranks down after rank 0 died) cannot write ``failed``; the trainer records its host
+    and pid while it runs, so on that host a gone pid means the run is not running. On
+    another host the summary's word stands (its ``updated`` time says how stale it is).
+    """
+    status = str(summary.get("status", "unknown"))
+    if status != "running" or summary.get("host") != socket.gethostname() or not isinstance(summary.get("pid"), int):
+        return status
+    try:
+        os.kill(summary["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return "killed"
+    except PermissionError:  # it exists, under another user
+        return status
+    return status

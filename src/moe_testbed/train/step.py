@@ -71,21 +71,19 @@ def micro_step(
 
 
 def optimizer_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, step: int, dp=None, ep=None
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, step: int, ep=None
 ) -> Tensor | None:
-    """Average gradients over ranks (``dp``; ``ep``: expert shards), clip, step, zero the gradients, tell the routers.
+    """Reduce the expert shards' gradients (``ep``), clip, step, zero the gradients, tell the routers.
 
-    ``step`` is the number of optimizer steps completed after this one (1-based);
-    returns the gradient norm before clipping (None when ``grad_clip`` is None).
+    Under data parallelism the other gradients were averaged during the backward
+    (train/ddp.py). ``step`` is the number of optimizer steps completed after this
+    one (1-based); returns the gradient norm before clipping (None when ``grad_clip`` is None).
     """
     params = list(model.parameters())
     if ep is not None:
         ep.reduce_shard_gradients()
-        dp.average_gradients(ep.replicated(params))
         grad_norm = None if grad_clip is None else ep.clip_grad_norm(params, grad_clip)
     else:
-        if dp is not None:
-            dp.average_gradients(params)
         grad_norm = None if grad_clip is None else torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

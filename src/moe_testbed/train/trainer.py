@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from moe_testbed.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from moe_testbed.train.ddp import GradientSync
 from moe_testbed.train.distributed import DataParallel, check_same_checkpoint, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.expert_parallel import check_expert_parallel, expert_parallel_for, rank_load_scalars
@@ -79,6 +82,7 @@ class Trainer:
         self.ep = expert_parallel_for(cfg, self.model, self.world_size, self.device)  # shards the experts in place
         if self.world_size > 1:  # same weights everywhere, but each rank its own router noise
             torch.manual_seed(self.dp.rank_seed(t.seed))
+        self.sync = GradientSync(self.model, self.world_size, self.ep.shard_ids if self.ep else None)
         self.optimizer = build_optimizer(self.model, cfg)
         self.loader = TrainLoader(
             self.mix, cfg.data.seq_len, t.micro_batch_size, t.seed, packing=cfg.data.packing, weights=cfg.data.weights,
@@ -186,6 +190,11 @@ class Trainer:
             {
                 "status": status,
                 "reason": reason,
+                # who writes it, and when last: a reader tells a run still going from one that was
+                # killed without a word (SIGKILL, a lost node) by these (analysis/rundir.py)
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "updated": round(time.time(), 1),
                 "params_total": self.params["total"],
                 "params_active": self.params["active"],
                 "params_embedding": self.params["embedding"],
@@ -277,16 +286,17 @@ class Trainer:
             s.microbatch_domains += sum(int(torch.unique(dom).numel()) for _, _, dom in parts)
             s.microbatches += n
             inp, tgt, dom = (torch.cat(x).to(self.device, non_blocking=True) for x in zip(*parts))
-            ce, aux = micro_step(
-                self.model, inp, tgt, dom, step=s.step, microbatch=f * n, accum=forwards,
-                microbatch_size=t.micro_batch_size, whole_step=forwards == 1, autocast=self.autocast,
-                group=self.group, recorder=recorder,
-            )  # fmt: skip
+            with self.sync.forward(last=f == forwards - 1) as module:  # DDP reduces in the last backward
+                ce, aux = micro_step(
+                    module, inp, tgt, dom, step=s.step, microbatch=f * n, accum=forwards,
+                    microbatch_size=t.micro_batch_size, whole_step=forwards == 1, autocast=self.autocast,
+                    group=self.group, recorder=recorder,
+                )  # fmt: skip
             loss_acc += ce / forwards
             for kind, value in aux.items():
                 aux_acc[kind] = aux_acc.get(kind, 0.0) + value / forwards
             s.tokens += inp.numel() * self.world_size
-        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.dp, self.ep)
+        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip, s.step + 1, self.ep)
         s.step += 1
         # Sums stay on the device; .item() happens only on log steps, so there is no
         # host sync per micro-batch.
@@ -316,6 +326,8 @@ class Trainer:
                     final = self._evaluate()
                 if s.step % t.checkpoint_every == 0 or s.step == t.steps:
                     self._checkpoint()
+                    if s.step < t.steps:
+                        self._write_summary("running")  # the steps reached, and a sign of life
         except BaseException as exc:
             self.progress.close()
             remove_partial_checkpoints(self.run_dir)
@@ -371,6 +383,7 @@ def run_training(
         run_dir = Path(cfg.run.out_dir) / (cfg.run.name or default_run_name(cfg))
     run_dir = Path(run_dir)
     dp = init_data_parallel(cfg.train.device, cfg.parallel.timeout_s)
+    trainer = None
     try:
         check_expert_parallel(cfg.parallel.expert_parallel, dp.world_size)  # before anything is written
         cont = prepare_run_dir(cfg, run_dir, resume, fork_from) if dp.is_main else None
@@ -381,5 +394,7 @@ def run_training(
         trainer.log(trainer.describe())
         final = trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.sync.close()  # before the process group goes
         dp.close()
     return run_dir, final
