@@ -28,7 +28,7 @@ STEPS, ACCUM, MBS, SEQ = 3, 4, 2, 8  # a step: 4 micro-batches of 2 sequences of
 CASES = {  # name -> (router, method, scope, other keys)
     **{
         f"{m}-{s}": ("softmax_topk", m, s, {})
-        for m in ("none", "lbl", "eb", "sh", "ba")
+        for m in ("none", "lbl", "eb", "sh", "ba", "qb")
         for s in ("sequence", "microbatch", "global")
     },  # fmt: skip
     "ba-remainder-sequence": ("softmax_topk", "ba", "sequence", {"model.n_experts": 6, "routing.top_k": 1}),
