@@ -274,3 +274,32 @@ def test_domain_routers_reject_small_explicit_groups():
 
     cfg = make_cfg("reference", **{"routing.groups": {"code": [0], "prose": [1, 2]}})
     assert "fewer than routing.top_k" in combination_problem(cfg)
+
+
+def test_jitter_equals_transformers_switch_router_and_only_in_training():
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersTop1Router
+
+    router, cfg = router_for("softmax_topk", **{"routing.jitter": 0.2})
+    hf = SwitchTransformersTop1Router(SwitchTransformersConfig(
+        d_model=cfg.model.d_model, num_experts=cfg.model.n_experts, router_jitter_noise=0.2, router_bias=False,
+        expert_capacity=64,
+    )).train()  # fmt: skip
+    with torch.no_grad():
+        hf.classifier.weight.copy_(router.weight)
+    x = x_for(cfg)
+    torch.manual_seed(7)
+    ours = router.score(x, ctx())
+    torch.manual_seed(7)
+    _, _, theirs = hf(x.clone()[None])  # the same uniform draw on the router's input, then the classifier
+    torch.testing.assert_close(ours, theirs[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ours, x @ router.weight.T)  # jitter moved the logits
+    assert torch.equal(router.score(x, ctx(training=False)), torch.nn.functional.linear(x, router.weight))
+
+
+def test_jitter_is_refused_where_no_router_input_is_learned():
+    from moe_testbed.config import ConfigError
+    from moe_testbed.routing.registry import check_combination
+
+    with pytest.raises(ConfigError, match=r"routing.jitter=0.1 perturbs a learned router's input.*routing.jitter=0"):
+        check_combination(make_cfg("hash", **{"routing.jitter": 0.1}))

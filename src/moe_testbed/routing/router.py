@@ -67,7 +67,9 @@ class Router(nn.Module):
         "renormalize": Knob(True, bool, "renormalise the k gate weights to sum to 1"),
         "n_groups": Knob(1, int, "group-limited routing: experts split into n_groups groups", at_least(1)),
         "topk_groups": Knob(1, int, "... and each token may use experts of this many groups", at_least(1)),
-    }
+        "jitter": Knob(0.0, float, "Switch's router jitter: training scales the router's input by U(1-j, 1+j)",
+                       lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    }  # fmt: skip
 
     def __init__(self, cfg, balancer: Balancer, layer: int, moe_index: int, info: dict):
         """``layer``: index among all blocks; ``moe_index``: among the MoE layers (the tables' L axis)."""
@@ -114,6 +116,11 @@ class Router(nn.Module):
             return (
                 f"balance.z_loss={b.z_loss} needs {TRAITS['learned']}, but routing.router={r.router} "
                 f"{cls.lacks('learned', cfg)}; set balance.z_loss=0"
+            )
+        if r.jitter > 0 and "learned" not in cls.traits(cfg):
+            return (
+                f"routing.jitter={r.jitter} perturbs a learned router's input, but routing.router={r.router} "
+                f"{cls.lacks('learned', cfg)}; set routing.jitter=0"
             )
         if r.n_groups > 1:
             return cls._check_group_limit(cfg)
@@ -171,7 +178,13 @@ class Router(nn.Module):
         # recast the matmul to bf16): top-k ties and the softmax tail are
         # sensitive to precision.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return torch.nn.functional.linear(x_TD.float(), self.weight.float())
+            x_TD = x_TD.float()
+            if ctx.training and self.cfg.jitter > 0:
+                # Switch Transformer's jitter (Fedus et al. 2021): multiplicative noise on the router's
+                # input only (the experts see the clean x), from torch's RNG, training forwards only.
+                j = self.cfg.jitter
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - j, 1.0 + j)
+            return torch.nn.functional.linear(x_TD, self.weight.float())
 
     def allowed(self, ctx: RoutingContext) -> Tensor | None:
         """Bool mask [T, E] of the experts each token may use; None = all."""
