@@ -32,7 +32,34 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_report)
     register_hf(subparsers)
+    register_eval(subparsers)
     return p
+
+
+def register_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``eval RUN_DIR [--data MIX] [--step N] [--out DIR]``: a run's checkpoint on a mix, with its trace."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained run's checkpoint on its mix or another labelled mix, with per-token routing",
+        description="Route a mix's validation text through a run's checkpoint: validation scalars, the expert x "
+        "domain tables, a per-token routing trace (Parquet) and the token-level analyses, in RUN_DIR/eval/.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by `train`")
+    p.add_argument("--data", default=None, help="mix preset or built mix directory (default: the run's own mix)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--tokens-per-domain", type=int, default=None, help="validation tokens per domain "
+                   "(default: the run's eval.tokens_per_domain)")  # fmt: skip
+    p.add_argument("--trace-tokens", type=int, default=65536, help="tokens of the per-token trace (default 65536)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/eval/<mix>-step<N>)")
+    p.set_defaults(func=_run_eval)
+    return p
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from moe_testbed.analysis.evaluate_run import evaluate_run
+
+    evaluate_run(args.run_dir, args.data, args.step, args.tokens_per_domain, args.trace_tokens, args.out)
+    return 0
 
 
 def register_hf(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

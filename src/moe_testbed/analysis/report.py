@@ -34,6 +34,7 @@ from moe_testbed.analysis.study_page import (
     summary_table,
     verdict_table,
 )
+from moe_testbed.analysis.token_section import token_level_table
 from moe_testbed.routing.metrics import load, nanmean, utilization
 
 # Config keys shown for every run, whether or not they vary.
@@ -223,6 +224,10 @@ def _run_section(page: _Page, run: Run, name: str, prefix: str, steps: Sequence[
         "blue = underused, white = even.",
     )
     page.figure(plots.domain_loss_figure(run), f"{prefix}domain_loss.png")
+    token_level = token_level_table(run.path, run.config)
+    if token_level is not None:
+        page.p(token_level[0])
+        page.table(*token_level[1:])
     page.raw(
         f"<details><summary>full config</summary><pre>{_e(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>"
     )

@@ -106,6 +106,9 @@ class EvalConfig:
     tokens_per_domain: int = 8192
     batch_size: int = 8
     at_end: bool = True
+    # Per-token routing of the first this-many validation tokens, saved at every evaluation as
+    # traces/step_NNNNNN.parquet (routing/trace.py); 0 saves none.
+    trace_tokens: int = 8192
 
 
 @dataclass
@@ -247,6 +250,7 @@ class Config:
             ("train.forward_microbatches", t.forward_microbatches,
              t.forward_microbatches is None or t.forward_microbatches >= 1, "must be >= 1, or null for the default"),
             ("eval.tokens_per_domain", e.tokens_per_domain, e.tokens_per_domain >= 1, "must be >= 1"),
+            ("eval.trace_tokens", e.trace_tokens, e.trace_tokens >= 0, "must be >= 0 (0: no trace)"),
             ("model.init_std", m.init_std, m.init_std > 0, "must be > 0"),
             ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "must be > 0"),
             ("model.dense_hidden", m.dense_hidden, m.dense_hidden is None or m.dense_hidden >= 1, "must be >= 1, or null"),

@@ -63,6 +63,13 @@ def _resolve_packages(plan: Plan, pm: PackageManager, env: SourceEnv, progress: 
 
 
 def _train_tokenizer(plan: Plan, stage: Path, samples: dict[str, list[str]], progress: Progress):
+    if plan.tokenizer_from is not None:  # another mix's tokenizer: the same token ids, so one model reads both
+        path = stage / "tokenizer.json"
+        stage.mkdir(parents=True, exist_ok=True)
+        data = plan.tokenizer_from.read_bytes()
+        guard_disk(str(path), lambda: atomic_write(path, lambda tmp: tmp.write_bytes(data)))
+        progress.log(f"tokenizer from {plan.tokenizer_from.parent} (vocab {plan.vocab_size})")
+        return load_tokenizer(path)
     h = hashlib.sha256(str(plan.vocab_size).encode())
     for domain in sorted(samples):
         for text in samples[domain]:

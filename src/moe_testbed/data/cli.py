@@ -43,6 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         val_tokens_per_domain=args.val_tokens_per_domain,
         vocab_size=args.vocab_size,
         tokenizer_bytes_per_domain=args.tokenizer_bytes_per_domain,
+        tokenizer_from=args.tokenizer_from,
         install=args.install,
         on_missing=args.on_missing,
         encoding_errors=args.encoding_errors,
@@ -115,6 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="text per domain the tokenizer is trained on (an equal share of every domain)",
     )
+    b.add_argument("--tokenizer-from", metavar="MIX_DIR", help="reuse that built mix's tokenizer instead of "
+                   "training one (the same token ids: a model trained on it can be evaluated on this mix)")  # fmt: skip
     b.add_argument("--out", metavar="DIR", help="output directory (default: the preset's cache directory)")
     b.add_argument(
         "--install",

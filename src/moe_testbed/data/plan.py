@@ -27,6 +27,7 @@ class BuildOptions:
     val_tokens_per_domain: int | None = None
     vocab_size: int | None = None
     tokenizer_bytes_per_domain: int | None = None
+    tokenizer_from: str | None = None  # a built mix whose tokenizer this mix reuses (same token ids)
     install: str | None = None  # auto | never (None: the preset's)
     on_missing: str | None = None  # fail | skip (None: the preset's)
     encoding_errors: str = "replace"
@@ -47,9 +48,12 @@ class Plan:
     encoding_errors: str
     workers: int
     customized: bool
+    tokenizer_from: Path | None = None  # the tokenizer.json to reuse instead of training one
+    tokenizer_sha: str | None = None
 
     def settings(self) -> dict:
         return {
+            **({"tokenizer_from": self.tokenizer_sha} if self.tokenizer_sha else {}),
             "preset": self.preset.name,
             "domains": {d: [s.name for s in srcs] for d, srcs in self.domains.items()},
             "tokens_per_domain": self.train_tokens,
@@ -82,6 +86,11 @@ def make_plan(opts: BuildOptions) -> Plan:
     if len(domains) > MAX_DOMAINS:
         raise DataError(f"{len(domains)} domains exceed the limit of {MAX_DOMAINS} (domain ids are uint8)")
     vocab = _positive("--vocab-size", opts.vocab_size, preset.vocab_size)
+    tok_file, tok_sha = _tokenizer_from(opts.tokenizer_from)
+    if tok_file is not None:
+        if opts.vocab_size is not None:
+            raise DataError("--vocab-size and --tokenizer-from both set the vocabulary: drop --vocab-size")
+        vocab = int(json.loads((tok_file.parent / "mix.json").read_text())["vocab_size"])
     if vocab < 257:
         raise DataError(f"--vocab-size {vocab} is too small: byte-level BPE needs at least 257 (256 bytes + EOS)")
     install = opts.install or preset.install
@@ -102,6 +111,7 @@ def make_plan(opts: BuildOptions) -> Plan:
                 opts.val_tokens_per_domain,
                 opts.vocab_size,
                 opts.tokenizer_bytes_per_domain,
+                opts.tokenizer_from,
             )
         )
         or opts.encoding_errors != "replace"
@@ -120,7 +130,19 @@ def make_plan(opts: BuildOptions) -> Plan:
         encoding_errors=opts.encoding_errors,
         workers=_positive("--workers", opts.workers, os.cpu_count() or 1),
         customized=customized,
+        tokenizer_from=tok_file,
+        tokenizer_sha=tok_sha,
     )
+
+
+def _tokenizer_from(mix_dir: str | None) -> tuple[Path | None, str | None]:
+    """``--tokenizer-from MIX``: that built mix's tokenizer.json and its digest."""
+    if mix_dir is None:
+        return None, None
+    path = Path(mix_dir).expanduser() / "tokenizer.json"
+    if not path.is_file() or not (path.parent / "mix.json").is_file():
+        raise DataError(f"--tokenizer-from {mix_dir}: no built mix there (no mix.json and tokenizer.json)")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def plan_fingerprint(plan: Plan) -> str:

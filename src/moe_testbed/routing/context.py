@@ -14,12 +14,16 @@ compares domain ids with -1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.scope import LocalGroup, ProcessGroup
+
+if TYPE_CHECKING:  # pyarrow loads only where a trace is made
+    from moe_testbed.routing.trace import RoutingTrace
 
 PADDING = -1  # the domain id of padding tokens (the loaders write it)
 
@@ -39,6 +43,7 @@ class RoutingContext:
     whole_step: bool = False  # the forward holds this rank's whole share of the step: global scope is exact
     group: ProcessGroup = field(default_factory=LocalGroup)  # data-parallel ranks (global scope)
     recorder: RoutingRecorder | None = None  # counts every layer's slots per domain when set
+    trace: RoutingTrace | None = None  # keeps every layer's per-token routing when set (evaluation)
     _valid: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property

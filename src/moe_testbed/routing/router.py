@@ -155,6 +155,8 @@ class Router(nn.Module):
             self.balancer.observe(dec.idx_TK, dec.keep_TK, ctx)
         if ctx.recorder is not None and ctx.domain_ids_T is not None:
             ctx.recorder.record(self.moe_index, dec, ctx.domains_or(0), ctx.valid_T)
+        if ctx.trace is not None:
+            ctx.trace.record(self.moe_index, dec)
         return dec
 
     # -- the decide pipeline, overridable one step at a time ---------------------

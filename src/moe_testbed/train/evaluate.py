@@ -12,6 +12,7 @@ from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.scope import LocalGroup, ProcessGroup
 from moe_testbed.routing.tables import RoutingTables
+from moe_testbed.routing.trace import RoutingTrace
 
 
 def loss_scalars(loss_sum_C: np.ndarray, tok_sum_C: np.ndarray, domains: list[str]) -> dict[str, float]:
@@ -36,6 +37,7 @@ def evaluate(
     autocast,
     group: ProcessGroup | None = None,
     lockstep: bool = False,
+    trace: RoutingTrace | None = None,
 ) -> tuple[dict, RoutingTables | None]:
     """Returns (scalars for metrics.jsonl, the routing tables with reference counts; None without MoE layers).
 
@@ -43,6 +45,7 @@ def evaluate(
     sums are reduced, so every rank returns the numbers of the whole validation set.
     ``lockstep`` (expert parallelism: every forward is a collective): every rank runs
     as many forwards, a rank short of batches repeating one it has without counting it.
+    ``trace``: keeps the per-token routing of this rank's first tokens (routing/trace.py).
     """
     group = group or LocalGroup()
     was_training = model.training
@@ -58,9 +61,13 @@ def evaluate(
         name, inp, tgt, dom = mine[i] if i < len(mine) else (mine or val_batches)[0]
         counted = i < len(mine)
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
+        traced = trace if n_layers and counted else None
+        if traced is not None:
+            traced.begin(inp, dom, first_seq=sum(b[1].shape[0] for b in mine[:i]))
         ctx = RoutingContext(
             training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1),
             microbatch_size=cfg.train.micro_batch_size, recorder=recorder if n_layers and counted else None,
+            trace=traced,
         )  # fmt: skip
         with autocast():
             out = model(inp, ctx, targets_BS=tgt)  # mean over the batch's targets, logits never formed

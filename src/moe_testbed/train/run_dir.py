@@ -37,7 +37,7 @@ from moe_testbed.train.checkpoint import latest_checkpoint
 
 RESUMABLE = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
-    "eval.every", "eval.at_end", "run.progress", "run.tensorboard", "run.out_dir", "run.name",
+    "eval.every", "eval.at_end", "eval.trace_tokens", "run.progress", "run.tensorboard", "run.out_dir", "run.name",
     "parallel.expert_parallel", "parallel.timeout_s",
 )  # fmt: skip
 HISTORY = "config_history.jsonl"

@@ -27,10 +27,11 @@ from moe_testbed.errors import ConfigError
 from moe_testbed.io import atomic_write_json, atomic_write_text
 from moe_testbed.model import Transformer, count_params
 from moe_testbed.model.transformer import moe_layer_indices
-from moe_testbed.routing.groups import describe_groups, reference_groups
+from moe_testbed.routing.groups import reference_groups
 from moe_testbed.routing.recorder import RoutingRecorder
 from moe_testbed.routing.registry import BALANCERS, ROUTERS
 from moe_testbed.routing.tables import Snapshot, save_snapshot, snapshot_path
+from moe_testbed.routing.trace import RoutingTrace, save_trace, trace_path
 from moe_testbed.train.checkpoint import (
     checkpoint_identity,
     latest_checkpoint,
@@ -39,6 +40,7 @@ from moe_testbed.train.checkpoint import (
     save_checkpoint,
 )
 from moe_testbed.train.ddp import GradientSync
+from moe_testbed.train.describe import describe
 from moe_testbed.train.distributed import DataParallel, check_same_checkpoint, init_data_parallel
 from moe_testbed.train.evaluate import evaluate
 from moe_testbed.train.expert_parallel import check_expert_parallel, expert_parallel_for, rank_load_scalars
@@ -244,8 +246,10 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         s = self.state
+        n_trace = self.cfg.eval.trace_tokens if self.rank == 0 and self.model.moe_layers else 0
+        trace = RoutingTrace(len(self.model.moe_layers), self.cfg.routing.top_k, n_trace) if n_trace else None
         scalars, tables = evaluate(self.model, self.val_batches, self.domains, self.groups, self.device,
-                                   self.autocast, self.group, lockstep=self.ep is not None)  # fmt: skip
+                                   self.autocast, self.group, lockstep=self.ep is not None, trace=trace)  # fmt: skip
         record = {"kind": "eval", "step": s.step, "tokens": s.tokens, **scalars}
         if self.ep and tables is not None:
             record.update(rank_load_scalars(tables.counts, self.model.moe_layer_names, self.ep.size, "val/"))
@@ -254,6 +258,11 @@ class Trainer:
             snap = Snapshot(s.step, self.model.moe_layer_names, self.domains, tables, self.cfg.routing.top_k,
                             train_counts=s.since_eval)  # fmt: skip
             save_snapshot(snapshot_path(self.run_dir, s.step), snap)
+            if trace is not None:
+                extra = {"step": s.step, "mix_fingerprint": self.mix.fingerprint, "n_experts": self.cfg.model.n_experts}
+                save_trace(
+                    trace_path(self.run_dir, s.step), trace.table(self.model.moe_layer_names, self.domains, extra)
+                )
             s.since_eval = np.zeros_like(s.since_eval)
         self.progress.note(f"eval step {s.step}: val loss {scalars['val/loss']:.3f}")
         return record
@@ -340,35 +349,6 @@ class Trainer:
         self.scalar_logger.close()
         return final
 
-    def describe(self) -> str:
-        cfg, p = self.cfg, self.params
-        lines = [
-            f"run dir     {self.run_dir}",
-            f"data        {self.mix.path} ({len(self.domains)} domains, vocab {self.mix.vocab_size})",
-            f"parameters  total {p['total'] / 1e6:.2f}M, active per token {p['active'] / 1e6:.2f}M "
-            f"(embedding {p['embedding'] / 1e6:.2f}M)",
-        ]
-        if cfg.model.dense:
-            lines.append(f"model       dense baseline (FFN sized to equal {cfg.model.dense_match} parameters)")
-        else:
-            lines.append(
-                f"routing     {cfg.routing.router}, top-{cfg.routing.top_k} of {cfg.model.n_experts}, "
-                f"balance {cfg.balance.method} at {cfg.balance.scope} scope, capacity {cfg.balance.capacity_factor}"
-            )
-            if ROUTERS[cfg.routing.router].uses_domain_groups:
-                lines.append(f"groups      {describe_groups(self.domains, self.groups)}")
-        if self.world_size > 1:
-            lines.append(
-                f"parallel    {self.world_size} data-parallel ranks on {self.device.type}, {self.accum} of the "
-                f"{cfg.train.grad_accum} micro-batches per step each"
-                + (f"; experts sharded over groups of {self.ep.size} ({cfg.model.n_experts // self.ep.size} a rank)"
-                   if self.ep else "")
-            )  # fmt: skip
-        lines.append(f"forwards    {self.accum // self.per_forward} per step of {self.per_forward} micro-batches"
-                     + (f"; global scope {self.global_scope}" if self.global_scope else ""))  # fmt: skip
-        lines += [f"warning     {w}" for w in self.warnings]
-        return "\n".join(lines)
-
 
 def run_training(
     cfg: Config, run_dir: Path | None = None, resume: bool | None = None, log=print, fork_from: Path | None = None
@@ -391,7 +371,7 @@ def run_training(
         trainer = Trainer(cfg, run_dir, dp, log=log if dp.is_main else lambda *_: None)
         if cont:
             trainer.resume()
-        trainer.log(trainer.describe())
+        trainer.log(describe(trainer))
         final = trainer.fit()
     finally:
         if trainer is not None:

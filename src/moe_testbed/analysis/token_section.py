@@ -1,0 +1,56 @@
+"""The token-level table of a run's report: the analyses of its last evaluation's trace (analysis/token_routing.py)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from moe_testbed.analysis.token_routing import analyse, vocabulary_classes
+from moe_testbed.data.paths import preset_dir
+from moe_testbed.data.storage import read_manifest
+from moe_testbed.routing.trace import load_trace
+
+COLUMNS = ["layer", "NMI expert~token class", "NMI expert~domain", "token concentration", "expert top-10 share",
+           "top partner share", "score entropy / log E", "k vs k+1 margin", "next-layer predictability"]  # fmt: skip
+
+
+def _mix_dir(config: dict) -> Path | None:
+    """The run's mix, if it is on this machine (never built here: a report does not build data)."""
+    data = config.get("data", {}) or {}
+    path = Path(data["dir"]).expanduser() if data.get("dir") else preset_dir(str(data.get("preset", "default")))
+    return path if read_manifest(path) is not None else None
+
+
+@lru_cache(maxsize=4)
+def _classes(mix: Path) -> np.ndarray:
+    """Every token id's class under the mix's tokenizer (a study's runs share one mix: decoded once)."""
+    from moe_testbed.data import DomainMix
+
+    m = DomainMix(mix)
+    return vocabulary_classes(m.decode, m.vocab_size)
+
+
+def token_level_table(run_path: Path, config: dict) -> tuple[str, list[str], list[list]] | None:
+    """(caption, columns, rows) for the run's last trace, or None without one."""
+    traces = sorted((Path(run_path) / "traces").glob("step_*.parquet"))
+    if not traces:
+        return None
+    trace = load_trace(traces[-1])
+    mix = _mix_dir(config)
+    if mix is not None:
+        class_V = _classes(mix)
+    else:  # without the tokenizer the token classes are unknown: the class column stays empty
+        class_V = np.zeros(int(trace.token.max()) + 1, dtype=np.int64)
+    a = analyse(trace, class_V)
+    rows = []
+    for i, name in enumerate(a["layers"]):
+        st, vo, co, ga = (a[k]["per_layer"][i] for k in ("syntax_or_topic", "vocabulary", "co_activation", "gates"))
+        pairs = a["layer_consistency"]["per_pair"]
+        rows.append([name, st["nmi_class"] if mix else None, st["nmi_domain"], vo["token_concentration"],
+                     vo["expert_top_tokens"], co["top_partner_share"], ga["entropy"], ga["margin"],
+                     pairs[i]["predictability"] if i < len(pairs) else None])  # fmt: skip
+    caption = (f"Token-level routing of {a['tokens']} validation tokens at step {trace.meta.get('step', '?')} "
+               f"({traces[-1].name}); definitions in docs/metrics.md#token-level-analyses.")  # fmt: skip
+    return caption, COLUMNS, rows
