@@ -15,6 +15,7 @@ from moe_testbed.analysis.token_routing import (
     co_activation_summary,
     gate_statistics,
     layer_consistency,
+    router_saturation,
     syntax_or_topic,
     token_class,
     vocabulary_specialization,
@@ -131,3 +132,15 @@ def test_a_trace_round_trips_through_parquet(tmp_path):
     assert gate_statistics(t)[0]["entropy"] == pytest.approx(H / math.log(3))
     out = analyse(t, np.zeros(9, dtype=np.int64))
     assert set(out) >= {"syntax_or_topic", "vocabulary", "co_activation", "gates", "layer_consistency"}
+
+
+def test_router_saturation_is_the_share_of_the_final_top_k_already_chosen():
+    early = make_trace([[[0, 1], [2, 3]]], tokens=[1, 2], domains=[0, 0], n_experts=4)
+    late = make_trace([[[1, 0], [2, 0]]], tokens=[1, 2], domains=[0, 0], n_experts=4)
+    early.meta["step"], late.meta["step"] = 10, 20
+    first, last = router_saturation([early, late])
+    assert first["step"] == 10 and first["mean"] == pytest.approx((2 / 2 + 1 / 2) / 2)  # {0,1}={1,0}; {2,3}~{2,0}
+    assert last["mean"] == 1.0
+    other = make_trace([[[0, 1], [2, 3]]], tokens=[5, 6], domains=[0, 0], n_experts=4)
+    with pytest.raises(ValueError, match="the same tokens"):
+        router_saturation([other, late])

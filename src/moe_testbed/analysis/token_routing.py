@@ -160,6 +160,34 @@ def gate_statistics(trace: Trace) -> list[dict[str, float]]:
     return out
 
 
+def router_saturation(traces: list[Trace]) -> list[dict]:
+    """Per trace (in step order): the mean share of a token's top-k at that step that it still has at the last.
+
+    OLMoE's router saturation (Muennighoff et al. 2024, sec. 5): ``|S_t ∩ S_final| / k``
+    for each token's expert set S, averaged over tokens, per layer. The traces of one run
+    hold the same first validation tokens at every evaluation, so no checkpoint is needed.
+    Kept and dropped slots alike: saturation is about the router's choice.
+    """
+    final = traces[-1]
+    E = int(final.meta.get("n_experts", final.experts.max() + 1))
+
+    def onehot(t: Trace, n: int) -> np.ndarray:  # [L, n, E]
+        out = np.zeros((*t.experts.shape[:1], n, E), dtype=bool)
+        L, _, K = t.experts.shape
+        for k in range(K):
+            np.put_along_axis(out, t.experts[:, :n, k : k + 1], True, axis=2)
+        return out
+
+    out = []
+    for t in traces:
+        n = min(t.token.size, final.token.size)
+        if not np.array_equal(t.token[:n], final.token[:n]):
+            raise ValueError("router_saturation needs traces of the same tokens (one run's evaluations)")
+        overlap_L = (onehot(t, n) & onehot(final, n)).sum(-1).mean(-1) / t.experts.shape[2]
+        out.append({"step": t.meta.get("step"), "per_layer": overlap_L.tolist(), "mean": float(overlap_L.mean())})
+    return out
+
+
 def analyse(trace: Trace, class_V: np.ndarray) -> dict:
     """Every analysis of one trace, per layer (names as the trace has them) and as means over layers."""
     parts = {"syntax_or_topic": syntax_or_topic(trace, class_V), "vocabulary": vocabulary_specialization(trace),

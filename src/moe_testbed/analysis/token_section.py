@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_testbed.analysis.token_routing import analyse, vocabulary_classes
+from moe_testbed.analysis.token_routing import analyse, router_saturation, vocabulary_classes
 from moe_testbed.data.paths import preset_dir
 from moe_testbed.data.storage import read_manifest
 from moe_testbed.routing.trace import load_trace
@@ -53,4 +53,11 @@ def token_level_table(run_path: Path, config: dict) -> tuple[str, list[str], lis
                      pairs[i]["predictability"] if i < len(pairs) else None])  # fmt: skip
     caption = (f"Token-level routing of {a['tokens']} validation tokens at step {trace.meta.get('step', '?')} "
                f"({traces[-1].name}); definitions in docs/metrics.md#token-level-analyses.")  # fmt: skip
+    if len(traces) > 1:  # router saturation: how much of the final routing each evaluation already had
+        sat = router_saturation([load_trace(p) for p in traces[:-1]] + [trace])
+        caption += (
+            " Router saturation (share of a token's final top-k already chosen): "
+            + ", ".join(f"step {r['step']} {r['mean']:.2f}" for r in sat)
+            + "."
+        )
     return caption, COLUMNS, rows
