@@ -36,6 +36,7 @@ def test_eval_on_the_runs_own_mix_reproduces_its_last_evaluation(tiny_run):
     routed = int(load_snapshot(out / "routing.npz").tables.tokens[0].sum())  # real tokens of the evaluation
     assert trace.token.size == min(65536, routed) and (trace.domain >= 0).all()  # padding is never traced
     assert set(json.loads((out / "analyses.json").read_text())) >= {"syntax_or_topic", "layer_consistency"}
+    assert "<h3>expert " in (out / "drilldown.html").read_text()  # the page to browse
     assert (tiny_run / "traces" / "step_000004.parquet").is_file()  # training kept one at its evaluation
     assert load_trace(tiny_run / "traces" / "step_000004.parquet").token.size == 512
     html = write_report([tiny_run], tiny_run / "report").read_text()  # the report shows the trace's analyses

@@ -144,3 +144,15 @@ def test_router_saturation_is_the_share_of_the_final_top_k_already_chosen():
     other = make_trace([[[0, 1], [2, 3]]], tokens=[5, 6], domains=[0, 0], n_experts=4)
     with pytest.raises(ValueError, match="the same tokens"):
         router_saturation([other, late])
+
+
+def test_the_drilldown_marks_the_tokens_an_expert_takes(tmp_path):
+    from moe_testbed.analysis.drilldown import write_drilldown
+
+    # one sequence of 4 tokens: expert 0 takes tokens 1 and 3 (domain d0), expert 1 tokens 2 and 4
+    trace = make_trace([[[0], [1], [0], [1]]], tokens=[1, 2, 3, 4], domains=[0, 0, 0, 0])
+    page = write_drilldown(tmp_path / "d.html", trace, lambda ids: f"w{ids[0]} ", "t").read_text()
+    assert "<h3>expert 0</h3>" in page and "<h3>expert 1</h3>" in page
+    assert "2 tokens as first expert; domains: d0 100%" in page
+    assert "[d0] <mark>w1 </mark>w2 <mark>w3 </mark>w4 " in page  # expert 0's snippet: its tokens marked
+    assert "[d0] w1 <mark>w2 </mark>w3 <mark>w4 </mark>" in page

@@ -13,6 +13,7 @@ routers, which route *by* the label, refuse such a mix). Writes into
     routing.npz        the expert x domain tables (a routing snapshot)
     trace.parquet      per-token routing (routing/trace.py)
     analyses.json      the token-level analyses (analysis/token_routing.py)
+    drilldown.html     which text each expert takes (analysis/drilldown.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moe_testbed.analysis.drilldown import write_drilldown
 from moe_testbed.analysis.token_routing import analyse, vocabulary_classes
 from moe_testbed.config import Config
 from moe_testbed.config.sections import DataConfig
@@ -112,7 +114,9 @@ def evaluate_run(run_dir: Path, data: str | None = None, step: int | None = None
     save_snapshot(out / "routing.npz", Snapshot(step_done, model.moe_layer_names, domains, tables, cfg.routing.top_k))
     save_trace(out / "trace.parquet", trace.table(model.moe_layer_names, domains,
                                                   {**meta, "n_experts": cfg.model.n_experts}))  # fmt: skip
-    analyses = analyse(load_trace(out / "trace.parquet"), vocabulary_classes(mix.decode, mix.vocab_size))
+    saved = load_trace(out / "trace.parquet")
+    analyses = analyse(saved, vocabulary_classes(mix.decode, mix.vocab_size))
+    write_drilldown(out / "drilldown.html", saved, mix.decode, f"{run_dir.name} step {step_done} on {mix.path.name}")
     atomic_write_json(out / "analyses.json", {**meta, **analyses})
     atomic_write_json(out / "eval.json", {**meta, **scalars})
     m, a = scalars, analyses

@@ -131,7 +131,7 @@ def layer_consistency(trace: Trace) -> list[dict[str, float]]:
     common one among tokens sharing their expert at l (1/E..1). The testbed's own definitions.
     """
     E = int(trace.meta.get("n_experts", trace.experts.max() + 1))
-    first = _first_experts(trace)
+    first = first_experts(trace)
     out = []
     for layer in range(first.shape[0] - 1):
         a, b = first[layer], first[layer + 1]
@@ -142,7 +142,8 @@ def layer_consistency(trace: Trace) -> list[dict[str, float]]:
     return out
 
 
-def _first_experts(trace: Trace) -> np.ndarray:
+def first_experts(trace: Trace) -> np.ndarray:
+    """Each token's highest-gate kept expert per layer, [L, N] (-1 where every slot was dropped)."""
     gates = np.where(trace.kept, trace.gates, -np.inf)
     best = gates.argmax(-1)
     first = np.take_along_axis(trace.experts, best[..., None], -1)[..., 0]
