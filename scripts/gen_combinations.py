@@ -86,8 +86,9 @@ def render() -> str:
         "",
         "| router | z-loss (`balance.z_loss=0.001`) | capacity (`balance.capacity_factor=1.0`) | "
         + " | ".join(f"scope `{s}`" for s in SCOPES)
-        + " | group-limited (`routing.n_groups=4`, `topk_groups=2`) | jitter (`routing.jitter=0.01`) |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in SCOPES) + " | --- | --- |",
+        + " | group-limited (`routing.n_groups=4`, `topk_groups=2`) | jitter (`routing.jitter=0.01`) "
+        "| sequence-wise loss (`balance.seq_aux_coeff=0.0001`) |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in SCOPES) + " | --- | --- | --- |",
     ]
     for label, ov in variants:
         base = {**ov, "balance.method": "none"}
@@ -97,6 +98,7 @@ def render() -> str:
             *[cell(notes, {**base, "balance.scope": s}) for s in SCOPES],
             cell(notes, {**base, "routing.n_groups": 4, "routing.topk_groups": 2}),
             cell(notes, {**base, "routing.jitter": 0.01}),
+            cell(notes, {**base, "balance.seq_aux_coeff": 1e-4}),
         ]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", "## Reasons", ""]

@@ -67,6 +67,34 @@ def test_z_loss_combines_with_every_method(method):
     assert out["z"].item() == pytest.approx(0.1 * z_loss(logits).item())
 
 
+def test_sequence_wise_loss_hand_example():
+    # two sequences of 2 tokens, E = 2, k = 1. Sequence 0: both tokens to expert 0, P = (0.75, 0.25):
+    # f = (1, 0), E * sum f P = 2 * 0.75 = 1.5. Sequence 1: one each, P = (0.5, 0.5): 2 * 0.5 = 1.
+    probs = torch.tensor([[0.8, 0.2], [0.7, 0.3], [0.9, 0.1], [0.1, 0.9]])
+    idx = torch.tensor([[0], [0], [0], [1]])
+    b = balancer("eb", E=2, k=1, seq_aux_coeff=0.1)
+    assert b.losses(probs, None, idx, ctx(S=2))["seq_aux"].item() == pytest.approx(0.1 * (1.5 + 1.0) / 2)
+
+
+@pytest.mark.parametrize("method", sorted(BALANCERS))
+def test_sequence_wise_loss_combines_with_every_method_as_lbl_at_sequence_scope(method):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 4)
+    probs, idx = logits.softmax(-1), logits.topk(2).indices
+    lbl = balancer("lbl", "sequence", coeff=1e-3).losses(probs, logits, idx, ctx(S=4))["lbl"]
+    out = balancer(method, seq_aux_coeff=1e-3).losses(probs, logits, idx, ctx(S=4))
+    assert out["seq_aux"].item() == pytest.approx(lbl.item())
+    assert "seq_aux" not in balancer(method).losses(probs, logits, idx, ctx(S=4))  # off by default
+
+
+def test_the_sequence_wise_loss_needs_a_learned_router():
+    from moe_testbed.config import ConfigError
+    from moe_testbed.routing.registry import check_combination
+
+    with pytest.raises(ConfigError, match=r"balance.seq_aux_coeff=0.001 needs a router whose scores are trained"):
+        check_combination(make_cfg("hash", "none", **{"balance.seq_aux_coeff": 1e-3}))
+
+
 # -- EB ---------------------------------------------------------------------------------
 
 

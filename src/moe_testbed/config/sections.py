@@ -68,6 +68,8 @@ class BalanceConfig(KnobSection):
     method: str = "lbl"  # a registered balancing method: none | lbl | eb | sh | ba | ...
     scope: str = "microbatch"  # sequence | microbatch | global
     z_loss: float = 0.0  # router z-loss coefficient, combinable with any method
+    # DeepSeek-V3's sequence-wise balance loss beside any method (routing/balancer.py); 0 = off
+    seq_aux_coeff: float = 0.0
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # capacity during evaluation
     capacity_scope: str = "microbatch"  # the capacity unit, independent of scope: microbatch | sequence
@@ -288,6 +290,8 @@ class Config:
                 raise ConfigError(f"{key}={value} must be > 0, or null for dropless")
         if b.z_loss < 0:
             raise ConfigError(f"balance.z_loss={b.z_loss} must be >= 0")
+        if b.seq_aux_coeff < 0:
+            raise ConfigError(f"balance.seq_aux_coeff={b.seq_aux_coeff} must be >= 0")
         p = self.parallel
         if p.expert_parallel < 1:
             raise ConfigError(f"parallel.expert_parallel={p.expert_parallel} must be >= 1 (1 = no expert parallelism)")

@@ -18,6 +18,14 @@ method, added by :meth:`Balancer.losses` whenever ``balance.z_loss > 0``:
     z = balance.z_loss * mean_t (logsumexp_e logits[t, e])^2      (padding excluded)
 
 It keeps router logits small, out of the softmax's saturated region.
+
+The sequence-wise balance loss (DeepSeek-V3's complementary term, arXiv 2412.19437 eq. 17-20)
+is another term every method may add, whenever ``balance.seq_aux_coeff > 0``:
+
+    seq_aux = balance.seq_aux_coeff * mean over sequences of E * sum_e f_e P_e
+
+(f and P of each sequence, as LBL at ``sequence`` scope; sigmoid scores normalised per token),
+so that EB, SH, BA or QB can be combined with a small auxiliary loss as DeepSeek-V3 does.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_testbed.knobs import Knob
+from moe_testbed.routing.balance_loss import unit_lbl
 from moe_testbed.routing.context import RoutingContext
 
 
@@ -73,6 +82,9 @@ class Balancer(nn.Module):
         out = {}
         if self.cfg.z_loss > 0 and logits_TE is not None:
             out["z"] = self.cfg.z_loss * z_loss(logits_TE, ctx.valid_T)
+        if self.cfg.seq_aux_coeff > 0:
+            seq = unit_lbl(probs_TE, idx_TK, ctx.valid_T, ctx.seq_len, self.n_experts, self.top_k)
+            out["seq_aux"] = self.cfg.seq_aux_coeff * seq
         out.update(self.balance_losses(probs_TE, idx_TK, ctx))
         return out
 

@@ -117,6 +117,11 @@ class Router(nn.Module):
                 f"balance.z_loss={b.z_loss} needs {TRAITS['learned']}, but routing.router={r.router} "
                 f"{cls.lacks('learned', cfg)}; set balance.z_loss=0"
             )
+        if b.seq_aux_coeff > 0 and "learned" not in cls.traits(cfg):
+            return (
+                f"balance.seq_aux_coeff={b.seq_aux_coeff} needs {TRAITS['learned']}, but routing.router={r.router} "
+                f"{cls.lacks('learned', cfg)}; set balance.seq_aux_coeff=0"
+            )
         if r.jitter > 0 and "learned" not in cls.traits(cfg):
             return (
                 f"routing.jitter={r.jitter} perturbs a learned router's input, but routing.router={r.router} "

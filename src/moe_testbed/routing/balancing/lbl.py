@@ -32,14 +32,11 @@ import torch
 from torch import Tensor
 
 from moe_testbed.knobs import Knob, non_negative
+from moe_testbed.routing.balance_loss import lbl_value, unit_lbl
 from moe_testbed.routing.balancer import Balancer
 from moe_testbed.routing.context import RoutingContext
 from moe_testbed.routing.registry import register_balancer
-from moe_testbed.routing.scope import LocalGroup, unit_counts, unit_sums
-
-
-def lbl_value(f_E: Tensor, P_E: Tensor, n_experts: int) -> Tensor:
-    return n_experts * (f_E * P_E).sum(-1)
+from moe_testbed.routing.scope import LocalGroup, unit_counts
 
 
 @register_balancer
@@ -67,13 +64,7 @@ class LoadBalancingLoss(Balancer):
         if self.scope == "global":
             loss = self._global(probs_TE, idx_TK, v_T, ctx)
         else:
-            unit = ctx.unit_len(self.scope, T)
-            tokens_U = unit_sums(v_T[:, None], unit)[:, 0]
-            n_U = tokens_U.clamp_min(1)
-            f_UE = unit_counts(idx_TK, E, unit, v_T) / (n_U[:, None] * k)
-            P_UE = unit_sums(probs_TE * v_T[:, None], unit) / n_U[:, None]
-            has_U = (tokens_U > 0).float()  # an all-padding unit carries no loss
-            loss = (lbl_value(f_UE, P_UE, E) * has_U).sum() / has_U.sum().clamp_min(1)
+            loss = unit_lbl(probs_TE, idx_TK, v_T, ctx.unit_len(self.scope, T), E, k)
         return {"lbl": self.cfg.coeff * loss}
 
     def _global(self, probs_TE: Tensor, idx_TK: Tensor, v_T: Tensor, ctx: RoutingContext) -> Tensor:
