@@ -49,6 +49,8 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = True
     expert_impl: str = "auto"  # auto | loop | grouped_mm (auto: grouped matmul on CUDA)
+    init_from: str | None = None  # a trained dense run to upcycle from (train/upcycle.py)
+    upcycle_noise: float = 0.0  # relative noise on the upcycled experts' copies
 
 
 @dataclass(eq=False)
@@ -290,6 +292,13 @@ class Config:
                 raise ConfigError(f"{key}={value} must be > 0, or null for dropless")
         if b.z_loss < 0:
             raise ConfigError(f"balance.z_loss={b.z_loss} must be >= 0")
+        if m.init_from is not None and (m.dense or m.n_shared_experts):
+            raise ConfigError(
+                f"model.init_from={m.init_from} upcycles a dense run into routed experts: it needs model.dense=false "
+                "and model.n_shared_experts=0"
+            )
+        if m.upcycle_noise < 0 or (m.upcycle_noise > 0 and m.init_from is None):
+            raise ConfigError(f"model.upcycle_noise={m.upcycle_noise} must be >= 0 and needs model.init_from=RUN_DIR")
         if b.seq_aux_coeff < 0:
             raise ConfigError(f"balance.seq_aux_coeff={b.seq_aux_coeff} must be >= 0")
         p = self.parallel

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from moe_testbed.allocator import keep_freed_memory
 from moe_testbed.config import Config
@@ -51,6 +52,7 @@ from moe_testbed.train.setup import build_optimizer, default_run_name
 from moe_testbed.train.state import LogWindow, TrainState, checkpoint_payload, fold_partial_stats, restore, rng_state
 from moe_testbed.train.step import forward_microbatches, micro_step, optimizer_step
 from moe_testbed.train.tensorboard import ScalarLogger
+from moe_testbed.train.upcycle import dense_checkpoint, upcycle
 
 TRAIN_ROUTING_KEYS = ("drop_rate/mean", "util/mean", "purity/mean")
 
@@ -79,6 +81,7 @@ class Trainer:
         info = {"domains": self.domains, "groups": self.groups, "token_frequencies": self.mix.token_frequencies,
                 "vocab_size": self.mix.vocab_size}  # fmt: skip
         self.model = Transformer(cfg, self.mix.vocab_size, info).to(self.device)
+        self.init_from = self._upcycle() if cfg.model.init_from else None
         self.dp.broadcast_model(self.model)
         self.params = count_params(self.model)  # of the whole model, before its experts are sharded
         self.ep = expert_parallel_for(cfg, self.model, self.world_size, self.device)  # shards the experts in place
@@ -105,6 +108,14 @@ class Trainer:
                 f"routing.router={cfg.routing.router} is not causal: a token's expert depends on other tokens of the "
                 "batch, which a causal LM cannot see at inference; compare its loss with care"
             )
+
+    def _upcycle(self) -> str:
+        """Experts and the rest from a trained dense run (train/upcycle.py); returns its checkpoint's identity."""
+        m = self.cfg.model
+        ckpt = dense_checkpoint(m.init_from)
+        upcycle(self.model, load_file(str(ckpt / "model.safetensors")), m.upcycle_noise, self.cfg.train.seed,
+                m.init_from)  # fmt: skip
+        return f"{Path(m.init_from).expanduser().resolve()}:{checkpoint_identity(ckpt)}"
 
     def _matmul_probe_shape(self) -> tuple[int, int, int]:
         """(rows, inner, cols) of one expert's share of a forward: the matmul where bf16 on a CPU pays least."""
@@ -210,6 +221,7 @@ class Trainer:
                 "train_routing": s.train_routing,
                 "warnings": self.warnings,
                 "mix_fingerprint": self.mix.fingerprint,
+                "init_from": self.init_from,  # the dense checkpoint an upcycled run started from
                 "forward_microbatches": self.per_forward,
                 "dtype": "bfloat16" if self.bf16 else "float32",
                 "global_scope": self.global_scope,
