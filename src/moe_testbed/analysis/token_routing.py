@@ -13,7 +13,7 @@ import unicodedata
 
 import numpy as np
 
-from moe_testbed.routing.metrics import nmi, purity
+from moe_testbed.routing.metrics import nanmean, nmi, purity
 from moe_testbed.routing.trace import Trace
 
 TOKEN_CLASSES = ("whitespace", "punctuation", "digits", "word", "identifier", "other")
@@ -155,7 +155,7 @@ def gate_statistics(trace: Trace) -> list[dict[str, float]]:
     E = int(trace.meta.get("n_experts", trace.experts.max() + 1))
     out = []
     for layer in range(trace.experts.shape[0]):
-        out.append({"entropy": float(np.nanmean(trace.entropy[layer]) / math.log(E)) if E > 1 else 0.0,
+        out.append({"entropy": nanmean(trace.entropy[layer]) / math.log(E) if E > 1 else 0.0,
                     "margin": float(np.nanmean(trace.margin[layer])) if np.isfinite(trace.margin[layer]).any()
                     else math.nan, "top_gate": float(trace.gates[layer].max(-1).mean())})  # fmt: skip
     return out
@@ -195,8 +195,8 @@ def analyse(trace: Trace, class_V: np.ndarray) -> dict:
              "co_activation": co_activation_summary(trace), "gates": gate_statistics(trace)}  # fmt: skip
     out: dict = {"layers": trace.layers, "tokens": int(trace.token.size)}
     for name, rows in parts.items():
-        out[name] = {"per_layer": rows, "mean": {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}}
+        out[name] = {"per_layer": rows, "mean": {k: nanmean([r[k] for r in rows]) for k in rows[0]}}
     pairs = layer_consistency(trace)
-    out["layer_consistency"] = {"per_pair": pairs, "mean": {k: float(np.nanmean([r[k] for r in pairs])) for k in
+    out["layer_consistency"] = {"per_pair": pairs, "mean": {k: nanmean([r[k] for r in pairs]) for k in
                                                              pairs[0]} if pairs else {}}  # fmt: skip
     return out
