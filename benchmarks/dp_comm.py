@@ -129,13 +129,23 @@ def main() -> None:
     dp.close()
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report(cfg, dp, times, model, out) -> None:
     med = {m: statistics.median(ts) for m, ts in times.items()}
     per_repeat = lambda a, b: quantiles([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     res = {
         "what": "one optimizer step of the quick model on each of 2 CPU ranks (gloo), 1 thread a rank",
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "world_size": dp.world_size,
+        "cpu": cpu_name(), "torch": torch.__version__, "world_size": dp.world_size,
         "grad_accum": cfg.train.grad_accum, "tokens_per_step": cfg.train.grad_accum * cfg.train.micro_batch_size
         * cfg.data.seq_len, "params": count_params(model), "gradient_bytes": grad_bytes,
         "seconds": {m: quantiles(ts) for m, ts in times.items()},
