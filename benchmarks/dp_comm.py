@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moe_testbed.bench.step import N_DOMAINS, load_step_config  # noqa: E402
 from moe_testbed.bench.timing import quantiles  # noqa: E402
 from moe_testbed.model import Transformer, count_params  # noqa: E402
+from moe_testbed.study.reference import cpu_name  # noqa: E402
 from moe_testbed.train.ddp import GradientSync  # noqa: E402
 from moe_testbed.train.distributed import init_data_parallel  # noqa: E402
 from moe_testbed.train.setup import build_optimizer  # noqa: E402
@@ -127,16 +127,6 @@ def main() -> None:
     if dp.is_main:
         report(cfg, dp, times, variants["ddp"][1], args.out)
     dp.close()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(cfg, dp, times, model, out) -> None:

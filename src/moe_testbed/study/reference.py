@@ -47,7 +47,7 @@ def write_reference(study_dir: Path, rows: list[dict[str, Any]], path: Path, stu
         "mix_fingerprint": sorted({r.get("mix_fingerprint") for r in complete if r.get("mix_fingerprint")}),
         "code": _code_version(),
         "seeds": sorted({int(r.get("seed") or 0) for r in complete}),
-        "machine": f"{_cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores, {platform.machine()}",
+        "machine": f"{cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores, {platform.machine()}",
         "written": time.strftime("%Y-%m-%d"),
         "configs": configs,
         "verdicts": [{"claim": v["claim"], "verdict": v["verdict"]} for v in read_verdicts(study_dir)],
@@ -101,7 +101,7 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
