@@ -57,13 +57,15 @@ def evaluate(
     tok_sum = np.zeros(len(domains))
     mine = val_batches[group.rank :: group.world_size]
     n_forwards = -(-len(val_batches) // group.world_size) if lockstep else len(mine)
+    seqs_before = 0  # sequences of this rank's earlier batches: the trace's sequence index
     for i in range(n_forwards):
         name, inp, tgt, dom = mine[i] if i < len(mine) else (mine or val_batches)[0]
         counted = i < len(mine)
         inp, tgt, dom = inp.to(device), tgt.to(device), dom.to(device)
-        traced = trace if n_layers and counted else None
+        traced = trace if trace is not None and n_layers and counted and not trace.full else None
         if traced is not None:
-            traced.begin(inp, dom, first_seq=sum(b[1].shape[0] for b in mine[:i]))
+            traced.begin(inp, dom, first_seq=seqs_before)
+        seqs_before += inp.shape[0]
         ctx = RoutingContext(
             training=False, seq_len=inp.shape[1], domain_ids_T=dom.reshape(-1),
             microbatch_size=cfg.train.micro_batch_size, recorder=recorder if n_layers and counted else None,
