@@ -41,6 +41,8 @@ def test_eval_on_the_runs_own_mix_reproduces_its_last_evaluation(tiny_run):
     assert load_trace(tiny_run / "traces" / "step_000004.parquet").token.size == 512
     html = write_report([tiny_run], tiny_run / "report").read_text()  # the report shows the trace's analyses
     assert "Token-level routing of 512 validation tokens at step 4" in html and "NMI expert~token class" in html
+    page = (tiny_run / "report" / "drilldown.html").read_text()  # the report's drill-down of that trace
+    assert "href='drilldown.html'" in html and "at step 4" in page and page.count("<h3>expert ") >= 2
 
 
 def test_another_mix_with_the_runs_tokenizer_is_evaluated_by_domain_name(tiny_run, tiny_data_dir, tmp_path):

@@ -144,7 +144,10 @@ def test_cli_end_to_end_and_user_errors(mix, tmp_path, cli_env, capsys):
     proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "2 MoE layers, top-2 of 4 experts" in proc.stdout
-    assert (tmp_path / "run" / "report.html").is_file()
+    page = (tmp_path / "run" / "report.html").read_text()
+    probed = 128 * len(mix.domains)  # within the default trace budget: every probed token
+    assert f"Token-level routing of {probed} validation tokens" in page and "href='drilldown.html'" in page
+    assert f"trace of {probed} tokens" in proc.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["moe_layers"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 

@@ -77,6 +77,9 @@ def register_hf(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--tokens-per-domain", type=int, default=16384, help="validation tokens per domain (default 16384)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--trace-tokens", type=int, default=8192,
+                   help="probed tokens whose per-token routing is kept for the token-level analyses and the "
+                   "drill-down page (traces/step_000000.parquet; default 8192, 0: none)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/hf-<model name>)")
@@ -95,6 +98,8 @@ def run_hf(args: argparse.Namespace) -> int:
     for name in ("tokens_per_domain", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.trace_tokens < 0:
+        raise ConfigError(f"--trace-tokens={args.trace_tokens} must be >= 0 (0: no trace)")
     device = resolve_device(args.device, option="hf --device ")
     use_bf16 = uses_bf16(args.dtype, device)
     data = Path(args.data).expanduser()
@@ -102,12 +107,15 @@ def run_hf(args: argparse.Namespace) -> int:
     domains = mix.select(args.domains.split(",") if args.domains else None)
     model, tokenizer = load_model(args.model, device, torch_dtype(use_bf16))
     settings = {"seq_len": args.seq_len, "tokens_per_domain": args.tokens_per_domain, "dtype": str(model.dtype)}
-    m = measure(model, tokenizer, mix, domains, args.seq_len, args.tokens_per_domain, args.batch_size, device)
+    m = measure(model, tokenizer, mix, domains, args.seq_len, args.tokens_per_domain, args.batch_size, device,
+                args.trace_tokens)  # fmt: skip
     out = args.out or Path("runs") / f"hf-{Path(args.model.rstrip('/')).name}"
-    write_run(out, args.model, model, mix, domains, m, settings)
+    write_run(out, args.model, model, mix, domains, m, settings, tokenizer)
     L, E, _ = m["counts"].shape
     print(f"{args.model}: {L} MoE layers, top-{m['top_k']} of {E} experts, {int(m['tokens'][0].sum())} tokens "
           f"over {len(domains)} domains -> {out}")  # fmt: skip
+    if m["trace"].n:
+        print(f"trace of {m['trace'].n} tokens, token-level analyses and drill-down page in {out}")
     if not args.no_report:
         from moe_testbed.analysis.report import write_report
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -29,11 +30,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from moe_testbed.analysis.hf_trace import write_hf_trace
 from moe_testbed.data import DomainMix
 from moe_testbed.errors import UserError
 from moe_testbed.io import atomic_write_json, atomic_write_text
+from moe_testbed.routing.decision import RoutingDecision
 from moe_testbed.routing.groups import reference_groups
 from moe_testbed.routing.tables import RoutingTables, Snapshot, save_snapshot, snapshot_path
+from moe_testbed.routing.trace import RoutingTrace
 from moe_testbed.train.evaluate import loss_scalars
 
 
@@ -148,21 +152,32 @@ def top_k_of(config) -> int:
 
 
 class ChoiceRecorder:
-    """Forward hooks that keep each router's chosen experts, [tokens, k] per layer, for one forward.
+    """Forward hooks that keep each router's decision for one forward, per layer: experts, gates, scores.
 
     The router's logits are its output number ``logits_index`` (the model's ``OutputRecorder``
     says which). Its choice is an integer output of shape [tokens, k] when it returns one
-    (selection bias and group limits included), else top-k of the logits. Logits over another
-    number of experts than the config's are not this model's routing and are refused: never
-    a wrong table.
+    (selection bias and group limits included), else top-k of the logits. Its gates are a
+    float output of shape [tokens, k] beside that choice (Mixtral, OLMoE, DeepSeek-V3: the
+    weights the model mixes with), else its float [tokens, E] scores at the chosen experts
+    (Llama4), else the softmax of the logits there. ``probs_TE`` (for the trace's entropy and
+    margin) is the softmax of the logits for every family. Logits over another number of
+    experts than the config's are not this model's routing and are refused: never a wrong table.
     """
 
     def __init__(self, routers: list[tuple[str, torch.nn.Module]], top_k: int, logits_index: int = 0,
                  n_experts: int | None = None):  # fmt: skip
-        self.top_k, self.logits_index, self.choices = top_k, logits_index, [None] * len(routers)
+        self.top_k, self.logits_index = top_k, logits_index
+        self.decisions: list[RoutingDecision | None] = [None] * len(routers)
         self.expected, self.n_experts = n_experts, n_experts
         self.names = [name for name, _ in routers]
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(routers)]
+
+    @property
+    def choices(self) -> list[torch.Tensor | None]:
+        return [None if d is None else d.idx_TK for d in self.decisions]
+
+    def clear(self) -> None:
+        self.decisions = [None] * len(self.decisions)
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -176,12 +191,20 @@ class ChoiceRecorder:
                     "which moe-testbed hf cannot count yet"
                 )
             self.n_experts = E
-            rows = logits.reshape(-1, E).shape[0]
-            idx = next((o for o in outs if torch.is_tensor(o) and not o.is_floating_point() and o.dim() >= 2
-                        and o.shape[-1] == self.top_k and o.reshape(-1, self.top_k).shape[0] == rows), None)  # fmt: skip
-            if idx is None:  # only logits: top-k of logits = top-k of softmax probabilities
-                idx = logits.topk(self.top_k, dim=-1).indices
-            self.choices[layer] = idx.reshape(-1, idx.shape[-1]).detach()
+            logits_TE = logits.reshape(-1, E).detach().float()
+            rows, k = logits_TE.shape[0], self.top_k
+            tensors = [o for o in outs if torch.is_tensor(o) and o is not logits and o.dim() >= 2]
+            idx = next((o for o in tensors if not o.is_floating_point() and o.shape[-1] == k
+                        and o.reshape(-1, k).shape[0] == rows), None)  # fmt: skip
+            probs_TE = logits_TE.softmax(-1)
+            idx_TK = (idx.reshape(-1, k) if idx is not None else logits_TE.topk(k, dim=-1).indices).detach()
+            gate_TK = next((o.reshape(-1, k) for o in tensors if idx is not None and o.is_floating_point()
+                            and o.shape[-1] == k and o.reshape(-1, k).shape[0] == rows), None)  # fmt: skip
+            if gate_TK is None:
+                scores = next((o.reshape(-1, E) for o in tensors if o.is_floating_point() and o.shape[-1] == E
+                               and o.reshape(-1, E).shape[0] == rows), probs_TE)  # fmt: skip
+                gate_TK = scores.gather(-1, idx_TK)
+            self.decisions[layer] = RoutingDecision(idx_TK=idx_TK, gate_TK=gate_TK.detach().float(), probs_TE=probs_TE)
 
         return hook
 
@@ -213,8 +236,9 @@ def domain_windows(mix: DomainMix, domain: str, tokenizer, seq_len: int, tokens_
 
 @torch.no_grad()
 def measure(model, tokenizer, mix: DomainMix, domains: list[str], seq_len: int, tokens_per_domain: int,
-            batch_size: int, device: torch.device) -> dict:  # fmt: skip
-    """Counts [L, E, D], tokens [L, D], loss sums [D] and predicted-token counts [D] on the mix."""
+            batch_size: int, device: torch.device, trace_tokens: int = 0) -> dict:  # fmt: skip
+    """Counts [L, E, D], tokens [L, D], loss sums [D], predicted-token counts [D] and a trace of the first
+    ``trace_tokens`` counted tokens (routing/trace.py; in the checkpoint's token ids) on the mix."""
     routers = find_routers(model)
     top_k = top_k_of(model.config)
     spec = router_declaration(model)
@@ -225,6 +249,7 @@ def measure(model, tokenizer, mix: DomainMix, domains: list[str], seq_len: int, 
     counts: np.ndarray | None = None
     tokens = np.zeros((L, D), dtype=np.int64)
     loss_sum, loss_n = np.zeros(D), np.zeros(D, dtype=np.int64)
+    trace, traced_seqs = RoutingTrace(L, top_k, trace_tokens), 0
     try:
         for d, name in enumerate(domains):
             windows = domain_windows(mix, name, tokenizer, seq_len, tokens_per_domain)
@@ -245,26 +270,33 @@ def measure(model, tokenizer, mix: DomainMix, domains: list[str], seq_len: int, 
                 loss_sum[d] += float(ce)
                 loss_n[d] += int((target != -100).sum())
                 keep = counted.flatten().bool().to(device)
+                trace.begin(inp, torch.where(counted.bool(), d, -1), traced_seqs)
+                traced_seqs += len(rows)
                 for layer, idx in enumerate(rec.choices):
                     if idx is None or idx.shape[0] != keep.shape[0]:
                         raise HFModelError(f"router {routers[layer][0]} did not route this batch's tokens")
+                    trace.record(layer, rec.decisions[layer])
                     if counts is None:
                         counts = np.zeros((L, rec.n_experts, D), dtype=np.int64)
                     chosen = idx[keep].flatten().cpu().numpy()
                     counts[layer, :, d] += np.bincount(chosen, minlength=rec.n_experts)
                     tokens[layer, d] += int(keep.sum())
-                rec.choices = [None] * L
+                rec.clear()
     finally:
         rec.close()
     if counts is None:
         raise HFModelError("no validation text to route: the mix has no validation tokens for these domains")
     return {"counts": counts, "tokens": tokens, "loss_sum": loss_sum, "loss_n": loss_n, "top_k": top_k,
-            "layers": [name for name, _ in routers]}  # fmt: skip
+            "layers": [name for name, _ in routers], "trace": trace}  # fmt: skip
 
 
-def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[str], m: dict, settings: dict) -> Path:
-    """A run directory that `moe-testbed report` reads: config, one eval record, one routing snapshot."""
+def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[str], m: dict, settings: dict,
+              tokenizer=None) -> Path:  # fmt: skip
+    """A run directory that `moe-testbed report` reads: config, one eval record, one routing snapshot, and
+    (with the tokenizer and a non-empty trace) the trace, its analyses and drill-down page (analysis/hf_trace.py)."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "traces", out / "analyses.json", out / "drilldown.html"):  # of an earlier probe here
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     counts, tokens, k = m["counts"], m["tokens"], m["top_k"]
     L, E, C = counts.shape
     tables = RoutingTables(counts=counts, drops=np.zeros((L, C), dtype=np.int64), tokens=tokens)
@@ -284,6 +316,10 @@ def write_run(out: Path, model_name: str, model, mix: DomainMix, domains: list[s
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     atomic_write_text(out / "metrics.jsonl", json.dumps(record) + "\n")
     save_snapshot(snapshot_path(out, 0), Snapshot(0, m["layers"], domains, tables, k))
+    trace = m.get("trace")
+    if tokenizer is not None and trace is not None and trace.n > 0:
+        meta = {"model": model_name, "mix": str(mix.path), "mix_fingerprint": mix.fingerprint, "n_experts": E}
+        write_hf_trace(out, trace, m["layers"], domains, tokenizer, meta)
     params = sum(p.numel() for p in model.parameters())
     atomic_write_json(out / "summary.json", {"status": "complete", "params_total": params, "tokens": record["tokens"],
                                              "steps": 0, "final": record, "moe_layers": m["layers"],

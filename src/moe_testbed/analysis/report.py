@@ -34,7 +34,7 @@ from moe_testbed.analysis.study_page import (
     summary_table,
     verdict_table,
 )
-from moe_testbed.analysis.token_section import token_level_table
+from moe_testbed.analysis.token_section import drilldown_page, token_level_table
 from moe_testbed.routing.metrics import load, nanmean, utilization
 
 # Config keys shown for every run, whether or not they vary.
@@ -228,6 +228,10 @@ def _run_section(page: _Page, run: Run, name: str, prefix: str, steps: Sequence[
     if token_level is not None:
         page.p(token_level[0])
         page.table(*token_level[1:])
+    drilldown = drilldown_page(run.path, run.config, page.out_dir / f"{prefix}drilldown.html", name)
+    if drilldown is not None:
+        page.raw(f"<p><a href='{_e(drilldown.name)}'>Which text each expert takes</a> (the drill-down page of the "
+                 "last evaluation's trace: every expert's domains, tokens and marked snippets).</p>")  # fmt: skip
     page.raw(
         f"<details><summary>full config</summary><pre>{_e(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>"
     )

@@ -43,6 +43,20 @@ def vocabulary_classes(decode, vocab_size: int) -> np.ndarray:
     return np.array([TOKEN_CLASSES.index(token_class(decode([i]))) for i in range(vocab_size)], dtype=np.int64)
 
 
+def token_class_ids(tokens_N: np.ndarray, decode) -> np.ndarray:
+    """The class index of each token of ``tokens_N`` (each distinct id decoded once), int8."""
+    ids, inverse = np.unique(tokens_N, return_inverse=True)
+    classes = np.array([TOKEN_CLASSES.index(token_class(decode([int(i)]))) for i in ids], dtype=np.int8)
+    return classes[inverse.reshape(-1)] if ids.size else np.zeros(0, dtype=np.int8)
+
+
+def trace_classes(trace: Trace, class_V: np.ndarray | None) -> np.ndarray | None:
+    """Each traced token's class: the trace's own column, else ``class_V`` of its id, else None (unknown)."""
+    if trace.token_class is not None:
+        return trace.token_class
+    return None if class_V is None else class_V[trace.token]
+
+
 def _slot_counts(trace: Trace, layer: int, label_N: np.ndarray, n_labels: int) -> np.ndarray:
     """``n[e, label]`` over the layer's kept slots: [E, n_labels]."""
     E = int(trace.meta.get("n_experts", trace.experts.max() + 1))
@@ -54,19 +68,22 @@ def _slot_counts(trace: Trace, layer: int, label_N: np.ndarray, n_labels: int) -
     return out
 
 
-def syntax_or_topic(trace: Trace, class_V: np.ndarray) -> list[dict[str, float]]:
+def syntax_or_topic(trace: Trace, class_V: np.ndarray | None) -> list[dict[str, float]]:
     """Per layer: how much of the routing the token's class explains, beside how much its domain does.
 
     ``nmi_class`` = NMI(expert; token class) and ``nmi_domain`` = NMI(expert; domain) over
     the kept slots, with the purities beside them. A router that specialises by syntax has
     the larger class NMI; by topic, the larger domain NMI (the design-choices paper's
-    token-level vs sequence-level finding, arXiv 2402.13089).
+    token-level vs sequence-level finding, arXiv 2402.13089). Without the token classes
+    (no tokenizer to decode the ids with) the class columns are NaN.
     """
-    cls_N, Q, C = class_V[trace.token], len(TOKEN_CLASSES), len(trace.domains)
+    cls_N, Q, C = trace_classes(trace, class_V), len(TOKEN_CLASSES), len(trace.domains)
     out = []
     for layer in range(trace.experts.shape[0]):
-        n_cls, n_dom = _slot_counts(trace, layer, cls_N, Q), _slot_counts(trace, layer, trace.domain, C)
-        out.append({"nmi_class": nmi(n_cls), "nmi_domain": nmi(n_dom), "purity_class": purity(n_cls),
+        n_dom = _slot_counts(trace, layer, trace.domain, C)
+        n_cls = _slot_counts(trace, layer, cls_N, Q) if cls_N is not None else None
+        out.append({"nmi_class": nmi(n_cls) if n_cls is not None else math.nan, "nmi_domain": nmi(n_dom),
+                    "purity_class": purity(n_cls) if n_cls is not None else math.nan,
                     "purity_domain": purity(n_dom)})  # fmt: skip
     return out
 
@@ -189,7 +206,7 @@ def router_saturation(traces: list[Trace]) -> list[dict]:
     return out
 
 
-def analyse(trace: Trace, class_V: np.ndarray) -> dict:
+def analyse(trace: Trace, class_V: np.ndarray | None = None) -> dict:
     """Every analysis of one trace, per layer (names as the trace has them) and as means over layers."""
     parts = {"syntax_or_topic": syntax_or_topic(trace, class_V), "vocabulary": vocabulary_specialization(trace),
              "co_activation": co_activation_summary(trace), "gates": gate_statistics(trace)}  # fmt: skip

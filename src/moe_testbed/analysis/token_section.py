@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from moe_testbed.analysis.drilldown import write_drilldown
 from moe_testbed.analysis.token_routing import analyse, router_saturation, vocabulary_classes
 from moe_testbed.data.paths import preset_dir
 from moe_testbed.data.storage import read_manifest
+from moe_testbed.io import atomic_write_text
 from moe_testbed.routing.trace import load_trace
 
 COLUMNS = ["layer", "NMI expert~token class", "NMI expert~domain", "token concentration", "expert top-10 share",
@@ -39,16 +42,15 @@ def token_level_table(run_path: Path, config: dict) -> tuple[str, list[str], lis
         return None
     trace = load_trace(traces[-1])
     mix = _mix_dir(config)
-    if mix is not None:
-        class_V = _classes(mix)
-    else:  # without the tokenizer the token classes are unknown: the class column stays empty
-        class_V = np.zeros(int(trace.token.max()) + 1, dtype=np.int64)
-    a = analyse(trace, class_V)
+    # An hf trace carries its classes (the checkpoint's token ids); a trained run's come from its mix,
+    # and without the mix on this machine they are unknown (the class column stays empty).
+    a = analyse(trace, _classes(mix) if mix is not None and trace.token_class is None else None)
     rows = []
     for i, name in enumerate(a["layers"]):
         st, vo, co, ga = (a[k]["per_layer"][i] for k in ("syntax_or_topic", "vocabulary", "co_activation", "gates"))
         pairs = a["layer_consistency"]["per_pair"]
-        rows.append([name, st["nmi_class"] if mix else None, st["nmi_domain"], vo["token_concentration"],
+        rows.append([name, None if math.isnan(st["nmi_class"]) else st["nmi_class"], st["nmi_domain"],
+                     vo["token_concentration"],
                      vo["expert_top_tokens"], co["top_partner_share"], ga["entropy"], ga["margin"],
                      pairs[i]["predictability"] if i < len(pairs) else None])  # fmt: skip
     caption = (f"Token-level routing of {a['tokens']} validation tokens at step {trace.meta.get('step', '?')} "
@@ -61,3 +63,24 @@ def token_level_table(run_path: Path, config: dict) -> tuple[str, list[str], lis
             + "."
         )
     return caption, COLUMNS, rows
+
+
+def drilldown_page(run_path: Path, config: dict, out: Path, title: str) -> Path | None:
+    """Write ``out``, the page of which text each expert takes at the run's last trace; None without one.
+
+    A trained run's page is drawn from its trace and its mix's tokenizer; an hf probe
+    writes its own (``drilldown.html`` in the run directory, with the checkpoint's
+    tokenizer), which is copied.
+    """
+    own = Path(run_path) / "drilldown.html"
+    if own.is_file():
+        atomic_write_text(out, own.read_text(encoding="utf-8"))
+        return out
+    traces = sorted((Path(run_path) / "traces").glob("step_*.parquet"))
+    mix = _mix_dir(config)
+    if not traces or mix is None:
+        return None
+    from moe_testbed.data import DomainMix
+
+    trace = load_trace(traces[-1])
+    return write_drilldown(out, trace, DomainMix(mix).decode, f"{title} at step {trace.meta.get('step', '?')}")

@@ -16,6 +16,8 @@ confidence) need every token. :class:`RoutingTrace` keeps, for the first
                                                sigmoid scores normalised to sum 1 first)
     L{l}.margin   float32                      k-th minus (k+1)-th largest score: how close the
                                                token was to another choice (NaN when K = E)
+    token_class   int8 (optional)              the token's class, where the token ids are not the
+                                               mix's (``moe-testbed hf`` traces, analysis/hf_trace.py)
 
 The evaluation loop calls :meth:`begin` with a forward's token ids and domains,
 the routers call :meth:`record` once per MoE layer (``RoutingContext.trace``).
@@ -126,6 +128,9 @@ class Trace:
     entropy: np.ndarray
     margin: np.ndarray
     meta: dict
+    # Each token's class (analysis/token_routing.py TOKEN_CLASSES), stored where the trace's token ids are
+    # not the mix's (``moe-testbed hf``: the checkpoint's tokenizer); None: classes come from the mix.
+    token_class: np.ndarray | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -148,6 +153,8 @@ def load_trace(path: Path) -> Trace:
         return np.stack([a.flatten().to_numpy(zero_copy_only=False).reshape(-1, width) for a in arrs])
 
     col = {k: table.column(k).to_numpy() for k in ("seq", "pos", "token", "domain")}
+    if "token_class" in table.column_names:
+        col["token_class"] = table.column("token_class").to_numpy().astype(np.int64)
     return Trace(**col, experts=stack("experts", K).astype(np.int64), gates=stack("gates", K),
                  kept=stack("kept", K).astype(bool), entropy=stack("entropy", None), margin=stack("margin", None),
                  meta=meta)  # fmt: skip
