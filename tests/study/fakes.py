@@ -84,3 +84,16 @@ def run_block_once(cfg, run_dir: Path, resume: bool) -> dict:
         time.sleep(120)
         raise RuntimeError("run_block_once was not killed")
     return _complete(cfg, run_dir)
+
+
+def run_from_source(cfg, run_dir: Path, resume: bool) -> dict:
+    """Writes ``source.txt``: the run it starts from (model.init_from) and that run's status when it starts."""
+    _attempt(run_dir, resume)
+    if cfg.model.init_from:
+        source = Path(cfg.model.init_from)
+        status = json.loads((source / "summary.json").read_text())["status"] if (source / "summary.json").exists() \
+            else "missing"  # fmt: skip
+        (run_dir / "source.txt").write_text(f"{source} {status}")
+    if "crash" in cfg.run.name:
+        raise RuntimeError("boom: a deliberate crash")
+    return _complete(cfg, run_dir)

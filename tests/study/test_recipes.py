@@ -19,7 +19,7 @@ SMALL = ["data.preset=tiny", "data.seq_len=32", "train.steps=1", "train.micro_ba
 
 def test_there_is_a_recipe_for_every_named_system():
     assert {p.stem for p in RECIPES} == {"switch", "mixtral", "deepseek-moe", "deepseek-v3", "olmoe", "qwen3-moe",
-                                         "megablocks"}  # fmt: skip
+                                         "megablocks", "soft-moe"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

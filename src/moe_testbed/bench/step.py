@@ -109,10 +109,19 @@ def run_step(setup: StepSetup, repeats, warmup, memory, log) -> tuple[dict, list
 
 
 Z_LOSS_BUDGET_PCT = 5.0  # % of step time
+# The balancing terms and router options beside the methods, each alone on top of method none:
+# (name, overrides, extra-step-time budget in % or None where the cost is the design, not overhead).
+EXTRA_VARIANTS = (
+    ("z_loss", {"balance.z_loss": 1e-3}, Z_LOSS_BUDGET_PCT),
+    ("seq_aux", {"balance.seq_aux_coeff": 1e-4}, 5.0),
+    ("jitter", {"routing.jitter": 0.01}, 5.0),
+    # Causal Soft MoE runs every expert at every position: E / top_k times the expert FLOPs.
+    ("soft_moe", {"routing.router": "soft_moe"}, None),
+)
 
 
 def balance_variants(cfg: Config) -> tuple[list[tuple[str, Config]], dict[str, str]]:
-    """(name, config) of every registered method x scope, plus z-loss; and skipped combinations with why."""
+    """(name, config) of every registered method x scope, plus EXTRA_VARIANTS; and skipped ones with why."""
     from moe_testbed.routing.names import SCOPES
     from moe_testbed.routing.registry import BALANCERS, combination_problem, load_all
 
@@ -129,16 +138,23 @@ def balance_variants(cfg: Config) -> tuple[list[tuple[str, Config]], dict[str, s
                 skipped[f"{method}@{scope}"] = problem
             else:
                 out.append((f"{method}@{scope}", c))
-    out.append(("z_loss", base.replace({"balance.z_loss": 1e-3})))
+    for name, overrides, _ in EXTRA_VARIANTS:
+        c = base.replace(overrides)
+        problem = combination_problem(c)
+        if problem:
+            skipped[name] = problem
+        else:
+            out.append((name, c))
     return out, skipped
 
 
 def overhead_budget(variant: str) -> float | None:
-    """The extra-step-time target of a method (its class declares it) or of z-loss, in %."""
+    """The extra-step-time target of a method (its class declares it) or of an EXTRA_VARIANTS entry, in %."""
     from moe_testbed.routing.registry import BALANCERS
 
-    if variant == "z_loss":
-        return Z_LOSS_BUDGET_PCT
+    extra = {name: budget for name, _, budget in EXTRA_VARIANTS}
+    if variant in extra:
+        return extra[variant]
     return BALANCERS[variant].overhead_budget_pct
 
 

@@ -28,7 +28,10 @@ class MoELayer(nn.Module):
     def forward(self, x_BSD: Tensor, ctx: RoutingContext) -> Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         dec = self.router(x_TD, ctx)
-        y_TD = self.experts(x_TD, dec.idx_TK, dec.gate_TK, dec.keep_TK)
+        if self.router.mixes_tokens:  # soft_moe: every expert's input is a mixture of tokens
+            y_TD = self.router.combine_experts(x_TD, dec, self.experts, ctx)
+        else:
+            y_TD = self.experts(x_TD, dec.idx_TK, dec.gate_TK, dec.keep_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         self.aux_losses = dec.aux_losses

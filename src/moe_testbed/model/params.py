@@ -5,9 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 
+def active_experts(cfg) -> int:
+    """Routed experts that compute for each token: top_k, or all of them for a router that mixes tokens."""
+    from moe_testbed.routing.registry import ROUTERS, load_all
+
+    load_all()
+    router = ROUTERS.get(cfg.routing.router)
+    return cfg.model.n_experts if router is not None and router.mixes_tokens else cfg.routing.top_k
+
+
 def moe_ffn_params(cfg) -> tuple[int, int]:
     """(total, active per token) parameters of one MoE FFN, router included."""
-    m, k = cfg.model, cfg.routing.top_k
+    m, k = cfg.model, active_experts(cfg)
     expert = 3 * m.d_model * m.expert_hidden
     shared = m.n_shared_experts * expert
     router = m.n_experts * m.d_model
@@ -40,7 +49,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
         total += p.numel()
         if name.endswith(("experts.w13", "experts.w2")):
             E = p.shape[0]
-            k = model.cfg.routing.top_k
+            k = active_experts(model.cfg)
             inactive += p.numel() // E * (E - k)
     embed = model.embed.weight.numel()
     return {"total": total, "active": total - inactive, "embedding": embed, "non_embedding": total - embed}

@@ -58,6 +58,9 @@ class Router(nn.Module):
     activation: ClassVar[str] = "softmax"
     causal: ClassVar[bool] = True  # a token's choice depends only on its prefix
     uses_domain_groups: ClassVar[bool] = False  # routes by the domain groups of routing.groups
+    # Mixes tokens into every expert's input (soft_moe): the MoE layer calls ``combine_experts``
+    # instead of sending each token to its K experts, and every expert is active for every token.
+    mixes_tokens: ClassVar[bool] = False
     # Traits offered to balancing methods (see TRAITS), and why a missing one is missing.
     offers: ClassVar[tuple[str, ...]] = ("learned", "scores", "any_expert")
     lacking: ClassVar[dict[str, str]] = {}

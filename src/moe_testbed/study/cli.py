@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=DESCRIPTION,
     )
     p.add_argument(
-        "spec", metavar="SPEC", help="preset name (quick, scope, design-choices, scale, tiny) or a YAML file"
+        "spec",
+        metavar="SPEC",
+        help="preset name (quick, scope, design-choices, recipes, upcycling, scale, tiny) or a YAML file",
     )
     p.add_argument(
         "rest",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moe_testbed.study import StudyError
+from moe_testbed.study.depends import resolve_sources, source_problem, split_phases
 from moe_testbed.study.locks import FileLock, LockBusy, holder_pid
 from moe_testbed.study.plan import PlannedRun, expand, parse_cli_overrides, select
 from moe_testbed.study.pool import Job, run_jobs
@@ -86,6 +87,7 @@ def run_study(
     study_dir = Path(out) if out else Path("studies") / spec.name
     seed_key = ["train.seed"] if seeds is not None and "train.seed" not in spec.varied_keys() else []
     varied = spec.varied_keys() + seed_key
+    sources = resolve_sources(runs, study_dir)  # model.init_from=@CONFIG: that run's directory
     jobs, workers, threads = _plan_jobs(runs, chosen, study_dir, varied, workers)
     cores, n_todo = usable_cores(), sum(j.state.action in ("start", "resume") for j in jobs)
     n_skip = sum(j.state.action == "skip" for j in jobs)
@@ -119,8 +121,12 @@ def run_study(
         queue = _record_static(jobs, study_dir, say)
         if prepare_data if prepare_data is not None else run_fn == DEFAULT_FN:
             _prepare_data([j.run.cfg for j in queue], say)
-        if queue:
-            run_jobs(queue, study_dir, workers, threads, run_fn, progress, stream)
+        first, later = split_phases(queue, sources)
+        if first:
+            run_jobs(first, study_dir, workers, threads, run_fn, progress, stream)
+        ready = _sources_ready(later, sources, study_dir, say)
+        if ready:  # runs that start from a run of this study, once that one is complete
+            run_jobs(ready, study_dir, workers, threads, run_fn, progress, stream)
         rows = rebuild_table(study_dir)
         code = _finish(jobs, rows, study_dir, report, say)
         _reference(spec, study_dir, rows, save_reference, say)
@@ -193,6 +199,19 @@ def _record_static(jobs: list[Job], study_dir: Path, say) -> list[Job]:
     if done:
         say(f"{done} run{'s' if done > 1 else ''} already complete (not run again)")
     return queue
+
+
+def _sources_ready(jobs: list[Job], sources: dict[str, str], study_dir: Path, say) -> list[Job]:
+    """The jobs whose source run is complete; the others are recorded as failed, naming it."""
+    ready = []
+    for job in jobs:
+        problem = source_problem(job, sources, study_dir)
+        if problem is None:
+            ready.append(job)
+            continue
+        write_result(study_dir, make_record(job.run.name, "failed", job.params, reason=problem))
+        say(f"failed    {job.run.name}: {problem}")
+    return ready
 
 
 def _prepare_data(cfgs: list[Any], say) -> None:
