@@ -89,15 +89,7 @@ def run_study(
     varied = spec.varied_keys() + seed_key
     sources = resolve_sources(runs, study_dir)  # model.init_from=@CONFIG: that run's directory
     jobs, workers, threads = _plan_jobs(runs, chosen, study_dir, varied, workers)
-    cores, n_todo = usable_cores(), sum(j.state.action in ("start", "resume") for j in jobs)
-    n_skip = sum(j.state.action == "skip" for j in jobs)
-    selected = f", {len(chosen)} selected by --only" if only else ""
-    say(
-        f"study {spec.name}: {len(runs)} runs{selected} ({n_skip} skipped as invalid, {n_todo} to run); "
-        f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''} -> {study_dir}"
-    )
-    if workers > cores:
-        say(f"warning: {workers} workers on {cores} cores: runs will compete for CPU and each will be slower")
+    _announce(spec.name, runs, chosen if only else None, jobs, workers, threads, study_dir, say)
     if dry_run:
         _print_plan(jobs, say)
         return 0
@@ -122,17 +114,29 @@ def run_study(
         if prepare_data if prepare_data is not None else run_fn == DEFAULT_FN:
             _prepare_data([j.run.cfg for j in queue], say)
         first, later = split_phases(queue, sources)
-        if first:
-            run_jobs(first, study_dir, workers, threads, run_fn, progress, stream)
-        ready = _sources_ready(later, sources, study_dir, say)
-        if ready:  # runs that start from a run of this study, once that one is complete
-            run_jobs(ready, study_dir, workers, threads, run_fn, progress, stream)
+        for phase in (first, later):  # runs that start from a run of this study wait for it
+            ready = phase if phase is first else _sources_ready(later, sources, study_dir, say)
+            if ready:
+                run_jobs(ready, study_dir, workers, threads, run_fn, progress, stream)
         rows = rebuild_table(study_dir)
         code = _finish(jobs, rows, study_dir, report, say)
         _reference(spec, study_dir, rows, save_reference, say)
         return code
     finally:
         study_lock.release()
+
+
+def _announce(name: str, runs: list[PlannedRun], chosen: list[PlannedRun] | None, jobs: list[Job], workers: int,
+              threads: int, study_dir: Path, say) -> None:  # fmt: skip
+    cores, n_todo = usable_cores(), sum(j.state.action in ("start", "resume") for j in jobs)
+    n_skip = sum(j.state.action == "skip" for j in jobs)
+    selected = f", {len(chosen)} selected by --only" if chosen is not None else ""
+    say(
+        f"study {name}: {len(runs)} runs{selected} ({n_skip} skipped as invalid, {n_todo} to run); "
+        f"{workers} worker{'s' if workers > 1 else ''} x {threads} thread{'s' if threads > 1 else ''} -> {study_dir}"
+    )
+    if workers > cores:
+        say(f"warning: {workers} workers on {cores} cores: runs will compete for CPU and each will be slower")
 
 
 def _plan_jobs(runs: list[PlannedRun], chosen: list[PlannedRun], study_dir: Path, varied: list[str],
