@@ -20,8 +20,18 @@ def test_a_run_starts_from_the_same_seeds_source_once_that_one_is_complete(tmp_p
     assert code == 0, text
     for seed in (0, 1):
         source, status = (out / "runs" / f"up-s{seed}" / "source.txt").read_text().split()
-        assert source == str(out / "runs" / f"dense-s{seed}") and status == "complete"
+        assert source == str((out / "runs" / f"dense-s{seed}").resolve()) and status == "complete"
     assert all(row["status"] == "complete" for row in table(out).values())
+
+
+def test_the_same_study_spelled_another_way_is_complete_not_a_conflict(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "s.yaml", runs=[{"name": "up", **MOE, "model.init_from": "@dense"},
+                                                 {"name": "dense", "train.steps": 2}])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert run(spec, tmp_path / "study", "run_from_source")[0] == 0
+    code, text = run(spec, "study", "run_from_source")  # relative --out: the same directories
+    assert code == 0 and "2 runs already complete" in text and "conflict" not in text, text
+    assert attempts(tmp_path / "study", "up") == ["fresh"]
 
 
 def test_a_run_whose_source_failed_is_recorded_failed_and_never_started(tmp_path):

@@ -2,7 +2,8 @@
 
 In a spec, ``model.init_from: "@dense"`` names the configuration ``dense`` of the same study:
 each seed's run starts from the same seed's ``dense`` run, whose run directory is filled in
-once the study directory is known (so the run's config.yaml holds the real path). The study
+once the study directory is known (so the run's config.yaml holds the real, absolute path; a
+study whose directory has moved sees its upcycled runs as conflicts, study/state.py). The study
 trains such runs after the others; a run whose source did not complete is recorded as failed,
 naming the source, and never started from a partial checkpoint.
 """
@@ -35,7 +36,7 @@ def resolve_sources(runs: list[PlannedRun], study_dir: Path) -> dict[str, str]:
         if not source.cfg.model.dense or source.cfg.model.init_from:
             raise StudyError(f"run {run.name}: model.init_from={ref} must name a dense run trained from scratch "
                              f"(model.dense=true, no model.init_from); {source.name} is not")  # fmt: skip
-        run.cfg.model.init_from = str(study_dir / "runs" / source.name)
+        run.cfg.model.init_from = str((study_dir / "runs" / source.name).resolve())  # valid from any directory
         sources[run.name] = source.name
     return sources
 

@@ -91,6 +91,9 @@ def config_diff(run_dir: Path, cfg: Config) -> list[str]:
     except (yaml.YAMLError, ConfigError, OSError) as exc:
         return [f"its config.yaml cannot be read: {exc}"]
     a, b = _flat(old), _flat(cfg)
+    for flat in (a, b):  # the run an upcycled run starts from: one directory, however its path was spelled
+        if flat.get("model.init_from"):
+            flat["model.init_from"] = str(Path(flat["model.init_from"]).expanduser().resolve())
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in b if a.get(k) != b.get(k)]
 
 
