@@ -38,16 +38,17 @@ def token_class(text: str) -> str:
     return "other"
 
 
-def vocabulary_classes(decode, vocab_size: int) -> np.ndarray:
-    """``class_V``: the index in TOKEN_CLASSES of every token id (``decode([id]) -> str``)."""
-    return np.array([TOKEN_CLASSES.index(token_class(decode([i]))) for i in range(vocab_size)], dtype=np.int64)
-
-
 def token_class_ids(tokens_N: np.ndarray, decode) -> np.ndarray:
-    """The class index of each token of ``tokens_N`` (each distinct id decoded once), int8."""
+    """The index in TOKEN_CLASSES of each token id of ``tokens_N`` (``decode([id]) -> str``; each distinct id
+    decoded once), int8."""
     ids, inverse = np.unique(tokens_N, return_inverse=True)
     classes = np.array([TOKEN_CLASSES.index(token_class(decode([int(i)]))) for i in ids], dtype=np.int8)
-    return classes[inverse.reshape(-1)] if ids.size else np.zeros(0, dtype=np.int8)
+    return classes[inverse.reshape(-1)]
+
+
+def vocabulary_classes(decode, vocab_size: int) -> np.ndarray:
+    """``class_V``: the class index of every token id of the vocabulary."""
+    return token_class_ids(np.arange(vocab_size), decode).astype(np.int64)
 
 
 def trace_classes(trace: Trace, class_V: np.ndarray | None) -> np.ndarray | None:

@@ -27,11 +27,17 @@ def _mix_dir(config: dict) -> Path | None:
 
 
 @lru_cache(maxsize=4)
-def _classes(mix: Path) -> np.ndarray:
-    """Every token id's class under the mix's tokenizer (a study's runs share one mix: decoded once)."""
+def _domain_mix(mix: Path):
+    """The mix (its tokenizer), opened once for all the runs of a report that share it."""
     from moe_testbed.data import DomainMix
 
-    m = DomainMix(mix)
+    return DomainMix(mix)
+
+
+@lru_cache(maxsize=4)
+def _classes(mix: Path) -> np.ndarray:
+    """Every token id's class under the mix's tokenizer (a study's runs share one mix: decoded once)."""
+    m = _domain_mix(mix)
     return vocabulary_classes(m.decode, m.vocab_size)
 
 
@@ -80,7 +86,5 @@ def drilldown_page(run_path: Path, config: dict, out: Path, title: str) -> Path 
     mix = _mix_dir(config)
     if not traces or mix is None:
         return None
-    from moe_testbed.data import DomainMix
-
     trace = load_trace(traces[-1])
-    return write_drilldown(out, trace, DomainMix(mix).decode, f"{title} at step {trace.meta.get('step', '?')}")
+    return write_drilldown(out, trace, _domain_mix(mix).decode, f"{title} at step {trace.meta.get('step', '?')}")

@@ -135,6 +135,17 @@ class Router(nn.Module):
         return None
 
     @classmethod
+    def no_capacity(cls, cfg, why: str) -> str | None:
+        """For routers to which capacity factors do not apply: why ``cfg`` sets one, or None."""
+        b = cfg.balance
+        if b.capacity_factor is not None or b.eval_capacity_factor is not None:
+            return (
+                "balance.capacity_factor and balance.eval_capacity_factor must be null for routing.router="
+                f"{cls.name}: {why}"
+            )
+        return None
+
+    @classmethod
     def _check_group_limit(cls, cfg) -> str | None:
         r, E = cfg.routing, cfg.model.n_experts
         if "any_expert" not in cls.offered(cfg):

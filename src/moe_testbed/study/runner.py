@@ -114,10 +114,11 @@ def run_study(
         if prepare_data if prepare_data is not None else run_fn == DEFAULT_FN:
             _prepare_data([j.run.cfg for j in queue], say)
         first, later = split_phases(queue, sources)
-        for phase in (first, later):  # runs that start from a run of this study wait for it
-            ready = phase if phase is first else _sources_ready(later, sources, study_dir, say)
-            if ready:
-                run_jobs(ready, study_dir, workers, threads, run_fn, progress, stream)
+        if first:
+            run_jobs(first, study_dir, workers, threads, run_fn, progress, stream)
+        ready = _sources_ready(later, sources, study_dir, say)  # they start from a run of this study
+        if ready:
+            run_jobs(ready, study_dir, workers, threads, run_fn, progress, stream)
         rows = rebuild_table(study_dir)
         code = _finish(jobs, rows, study_dir, report, say)
         _reference(spec, study_dir, rows, save_reference, say)

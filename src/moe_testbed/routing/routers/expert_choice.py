@@ -50,13 +50,8 @@ class ExpertChoice(Router):
 
     @classmethod
     def check(cls, cfg) -> str | None:
-        b = cfg.balance
-        if b.capacity_factor is not None or b.eval_capacity_factor is not None:
-            return (
-                "balance.capacity_factor and balance.eval_capacity_factor must be null for routing.router="
-                "expert_choice: each expert's capacity is routing.seq_capacity * T*k/E"
-            )
-        return super().check(cfg)
+        problem = cls.no_capacity(cfg, "each expert's capacity is routing.seq_capacity * T*k/E")
+        return problem or super().check(cfg)
 
     def decide(self, x_TD: Tensor, ctx: RoutingContext) -> RoutingDecision:
         T, E, k = x_TD.shape[0], self.n_experts, self.top_k

@@ -63,9 +63,9 @@ class SoftMoE(Router):
     @classmethod
     def check(cls, cfg) -> str | None:
         b = cfg.balance
-        if b.capacity_factor is not None or b.eval_capacity_factor is not None:
-            return "balance.capacity_factor and balance.eval_capacity_factor must be null for routing.router=" \
-                   "soft_moe: every expert processes every position, nothing is dropped"  # fmt: skip
+        problem = cls.no_capacity(cfg, "every expert processes every position, nothing is dropped")
+        if problem:
+            return problem
         if b.seq_aux_coeff > 0:
             return f"balance.seq_aux_coeff={b.seq_aux_coeff} balances top-k choices, which routing.router=soft_moe " \
                    "does not make: set balance.seq_aux_coeff=0"  # fmt: skip
